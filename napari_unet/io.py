@@ -915,6 +915,13 @@ def _full_scale(scale: Sequence[float] | None, ndim: int, path: Path) -> tuple[f
     return (1.0,) * (ndim - len(scale)) + scale
 
 
+def _imagej_unit(unit: str) -> str:
+    """ImageJ descriptions are ASCII: spell micrometres as ImageJ does and drop other non-ASCII."""
+    if unit.strip().lower() in ("µm", "μm", "um", "micrometer", "micrometre", "micron", "microns"):
+        return "micron"
+    return unit.encode("ascii", "ignore").decode() or "micron"
+
+
 def _write_tiff(path: Path, array: np.ndarray, *, scale: tuple | None, unit: str | None) -> None:
     imagej_ok = array.ndim in (2, 3) and array.dtype in (np.uint8, np.uint16, np.float32)
     if imagej_ok:
@@ -925,7 +932,8 @@ def _write_tiff(path: Path, array: np.ndarray, *, scale: tuple | None, unit: str
             resolution = (1.0 / scale[-1], 1.0 / scale[-2])
             if array.ndim == 3:
                 metadata["spacing"] = scale[0]
-            metadata["unit"] = unit or "micron"
+            if unit:
+                metadata["unit"] = _imagej_unit(unit)
         tifffile.imwrite(
             path, array, imagej=True, metadata=metadata, resolution=resolution, compression="zlib",
             photometric="minisblack",
