@@ -2,15 +2,23 @@
 
     napari-unet demo            # opens napari, ready to click Run
     napari-unet demo --no-block # (tests, screenshots) set everything up and return at once
+    napari-unet demo --screenshot demo.png  # save what the window shows, then close it
 
 ``NAPARI_UNET_DEMO_NO_BLOCK=1`` in the environment has the same effect as ``--no-block``.
+On a Linux machine without a screen (no DISPLAY), the demo starts Xvfb itself, saves a screenshot of
+the window (``napari-unet-demo.png`` unless ``--screenshot`` says otherwise) and exits, so the command
+still proves that everything installed and docks.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,12 +35,22 @@ def launch(block: bool = True) -> napari.Viewer:
 
     With ``block=True`` this runs napari's event loop until the window closes.
     """
+    import warnings
+
     import napari
 
+    # the demo installs PyQt5 on purpose (the wheel that works everywhere): no toast about it
+    warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
     viewer = napari.Viewer(title="napari-unet demo")
     _load_em_sample(viewer)
-    segment = _dock(viewer, "Segment", "napari_unet._qt.segment_widget", "SegmentWidget")
-    _dock(viewer, "Fine-tune", "napari_unet._qt.finetune_widget", "FinetuneWidget")
+    segment_dock, segment = _dock(viewer, "Segment", "napari_unet._qt.segment_widget", "SegmentWidget")
+    # a tab beside Segment: each widget keeps the full height of the dock
+    _dock(viewer, "Fine-tune", "napari_unet._qt.finetune_widget", "FinetuneWidget", tabify=True)
+    if segment_dock is not None:
+        from qtpy.QtCore import QTimer
+
+        # the first step is Run: show Segment's tab (once the window has laid the tabs out)
+        QTimer.singleShot(0, segment_dock.raise_)
     if segment is not None and hasattr(segment, "select_layer"):
         segment.select_layer("EM membranes")
     if block:
@@ -52,11 +70,15 @@ def _load_em_sample(viewer: napari.Viewer) -> None:
             getattr(viewer, f"add_{layer_type}")(data, **kwargs)
 
 
-def _dock(viewer: napari.Viewer, name: str, module: str, class_name: str) -> Any:
-    """Dock a widget through the plugin manifest, or directly when the plugin is not installed."""
+def _dock(
+    viewer: napari.Viewer, name: str, module: str, class_name: str, tabify: bool = False
+) -> tuple[Any, Any]:
+    """Dock a widget through the plugin manifest, or directly when the plugin is not installed.
+
+    Returns (dock widget, widget), both None when the widget cannot be made.
+    """
     try:
-        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-        return widget
+        return viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=tabify)
     except Exception:  # noqa: BLE001 - fall back to constructing the widget ourselves
         pass
     try:
@@ -67,10 +89,57 @@ def _dock(viewer: napari.Viewer, name: str, module: str, class_name: str) -> Any
         from napari.utils.notifications import show_warning
 
         show_warning(f"The {name} widget is not available: {exc}")
-        return None
+        return None, None
     widget = widget_class(viewer)
-    viewer.window.add_dock_widget(widget, name=name, area="right")
-    return widget
+    dock = viewer.window.add_dock_widget(widget, name=name, area="right", tabify=tabify)
+    return dock, widget
+
+
+def _die_with_parent() -> None:
+    """In the Xvfb child: end when the demo's process ends (after Qt let go of the display).
+
+    Killing Xvfb earlier, while Qt is still connected, makes Qt abort with an X I/O error.
+    """
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _start_virtual_screen() -> subprocess.Popen | None:
+    """Start Xvfb on a free display when this Linux machine has no screen; None where one exists."""
+    has_screen = any(os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY"))
+    if sys.platform != "linux" or has_screen or os.environ.get("QT_QPA_PLATFORM"):
+        return None
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        raise RuntimeError(
+            "this machine has no screen (DISPLAY is not set) and Xvfb is not installed: "
+            "run the demo on a desktop, or install xvfb (bash scripts/install.sh does)"
+        )
+    display = next(n for n in range(99, 200) if not Path(f"/tmp/.X{n}-lock").exists())
+    screen = subprocess.Popen(
+        [xvfb, f":{display}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+    )
+    deadline = time.monotonic() + 10
+    while not Path(f"/tmp/.X11-unix/X{display}").exists():
+        if screen.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("could not start a virtual screen (Xvfb) for the demo")
+        time.sleep(0.1)
+    os.environ["DISPLAY"] = f":{display}"
+    return screen
+
+
+def _save_screenshot(viewer: napari.Viewer, path: Path) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + 2  # let docks and layers lay themselves out
+    while time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    viewer.screenshot(str(path), canvas_only=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +150,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="napari-unet demo", description=__doc__.splitlines()[0])
     parser.add_argument("--no-block", action="store_true",
                         help="set up the viewer and return without running the event loop")
+    parser.add_argument("--screenshot", type=Path, default=None,
+                        help="save a screenshot of the window to this PNG, then close it")
     args = parser.parse_args([] if argv is None else argv)
     block = not (args.no_block or os.environ.get(NO_BLOCK_ENV, "") not in ("", "0"))
-    launch(block=block)
+    try:
+        screen = _start_virtual_screen()
+    except RuntimeError as error:
+        print(f"napari-unet: error: {error}", file=sys.stderr)
+        return 1
+    screenshot = args.screenshot
+    if screen is not None and screenshot is None:
+        screenshot = Path("napari-unet-demo.png")
+    viewer = launch(block=block and screenshot is None)
+    if screenshot is not None:
+        _save_screenshot(viewer, screenshot)
+        viewer.close()
+        where = " on a virtual screen (this machine has none)" if screen is not None else ""
+        print(f"napari-unet demo ran{where}; screenshot saved to {screenshot.resolve()}")
     return 0
 
 
