@@ -1,0 +1,349 @@
+"""The Fine-tune dock: corrections from paint events, autosave/restore, training with plots, Stop."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+from napari.utils.key_bindings import KeyBinding
+from qtpy.QtCore import Qt
+
+from napari_unet._qt import finetune_widget as fw
+from napari_unet._qt.finetune_widget import FinetuneWidget
+from napari_unet._qt.shared import model_holder
+from napari_unet._sample_data import make_em_membranes, make_organelles_3d
+from napari_unet.corrections import FinetuneSettings
+
+SHAPE = (3, 64, 64)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models train fastest on one thread; on a busy shared CPU two threads can be 50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def em():
+    """A small crop of the EM sample: (image, ground truth), 1 = cell interior, 0 = membrane."""
+    return make_em_membranes(shape=SHAPE, seed=0)
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Every notification the widget shows, as (kind, text)."""
+    shown: list[tuple[str, str]] = []
+    monkeypatch.setattr(fw, "notify_error", lambda exc, **kw: shown.append(("error", str(exc))))
+    monkeypatch.setattr(fw, "show_warning", lambda text: shown.append(("warning", text)))
+    monkeypatch.setattr(fw, "show_info", lambda text: shown.append(("info", text)))
+    return shown
+
+
+@pytest.fixture
+def autosave_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "autosave"
+    monkeypatch.setenv("NAPARI_UNET_AUTOSAVE_DIR", str(folder))
+    return folder
+
+
+def open_viewer(make_napari_viewer, em, *, prediction=None):
+    """A viewer with the EM crop, a predicted labels layer to correct, and the docked widget."""
+    image, truth = em
+    viewer = make_napari_viewer()
+    viewer.add_image(image.copy(), name="EM")
+    labels = truth.copy() if prediction is None else prediction.copy()
+    viewer.add_labels(labels, name="EM labels")
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Fine-tune")
+    assert widget.image_layer.name == "EM" and widget.labels_layer.name == "EM labels"
+    return viewer, widget
+
+
+TINY = FinetuneSettings(
+    learning_rate=0.01, time_budget=None, steps=6, patch_size=32, batch_size=2, loss="dice_bce",
+    augment=False, val_fraction=0.25, val_every=2, margin=0, device="cpu",
+)
+
+
+def use_tiny_fresh_model(widget, settings=TINY, variant="unet"):
+    widget.start_from.setCurrentIndex(2)  # fresh model
+    widget.variant.setCurrentText(variant)
+    widget.width_spin.setValue(4)
+    widget.depth_spin.setValue(2)
+    widget.set_settings(settings)
+    widget.preview_spin.setValue(0.5)
+
+
+def go_to_slice(viewer, z):
+    step = list(viewer.dims.current_step)
+    step[0] = z
+    viewer.dims.current_step = tuple(step)
+
+
+# -- corrections ---------------------------------------------------------------------------------
+
+
+def test_strokes_and_a_reviewed_slice_give_the_confirmed_count(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    widget.margin_spin.setValue(0)
+    layer = widget.labels_layer
+    before = np.array(layer.data)
+    layer.brush_size = 7
+    layer.paint((0, 20, 20), 0)  # erase to membrane (class 0) around a point inside a cell
+    layer.paint((0, 40, 30), 1)
+    layer.fill((0, 5, 60), 1)
+    changed = int(np.count_nonzero(np.array(layer.data) != before))
+    assert changed > 0
+    assert widget.state.counts().painted == changed
+
+    go_to_slice(viewer, 2)
+    qtbot.mouseClick(widget.review_button, Qt.LeftButton)
+    counts = widget.state.counts()
+    assert counts.reviewed_slices == (2,)
+    assert counts.confirmed == changed + 64 * 64
+    qtbot.waitUntil(lambda: f"{counts.confirmed:,} confirmed pixels" in widget.counts_label.text(), timeout=2000)
+
+    # the keyboard shortcut marks the slice in view too
+    go_to_slice(viewer, 1)
+    viewer.keymap[KeyBinding.from_str("Shift-R")](viewer)
+    assert widget.state.counts().reviewed_slices == (1, 2)
+
+    # the overlay shows exactly the confirmed pixels
+    widget.show_confirmed.setChecked(True)
+    assert widget.confirmed_layer.data.sum() == widget.state.counts().confirmed
+    widget.show_confirmed.setChecked(False)
+    assert widget.confirmed_layer is None
+
+
+def test_corrections_are_autosaved_and_offered_back_after_reopening(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    layer = widget.labels_layer
+    layer.brush_size = 5
+    layer.paint((1, 30, 30), 0)
+    go_to_slice(viewer, 0)
+    widget.mark_current_slice_reviewed()
+    # debounced: the file appears shortly after the last edit, without any explicit save
+    qtbot.waitUntil(lambda: widget.last_autosave is not None and widget.last_autosave.exists(), timeout=5000)
+    edited = np.array(layer.data)
+    expected = widget.state.counts(widget.margin_spin.value())
+    assert widget.last_autosave.parent == autosave_dir
+    # strokes right before closing are flushed by the close itself
+    layer.paint((2, 10, 10), 0)
+    edited = np.array(layer.data)
+    expected = widget.state.counts(widget.margin_spin.value())
+    widget.close()
+    viewer.close()
+
+    viewer2, widget2 = open_viewer(make_napari_viewer, em)  # the same image, opened again
+    assert widget2.restore_box.isVisibleTo(widget2)
+    assert any("Saved corrections found" in text for _, text in messages)
+    restored = widget2.restore_corrections()
+    assert restored is widget2.labels_layer and restored.name == "EM corrections"
+    assert np.array_equal(np.asarray(restored.data), edited)
+    assert widget2.state.counts(widget2.margin_spin.value()) == expected
+    assert len(viewer2.layers) == 3  # a new layer: the existing labels are left alone
+
+
+def test_a_different_image_is_not_offered_the_corrections(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    widget.mark_current_slice_reviewed()
+    assert widget.flush_autosave().exists()
+    image, truth = em
+    other = (255 - image, truth)
+    viewer2, widget2 = open_viewer(make_napari_viewer, other)
+    assert not widget2.restore_box.isVisibleTo(widget2)
+
+
+def test_a_new_prediction_on_the_corrected_layer_keeps_the_corrections(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    layer = widget.labels_layer
+    layer.brush_size = 5
+    layer.paint((0, 30, 30), 0)
+    corrected = np.array(layer.data)
+    widget.flush_autosave()
+    layer.data = np.ones(SHAPE, np.uint8)  # e.g. Segment re-run into the same layer
+    painted = widget.state.painted
+    assert np.array_equal(np.asarray(layer.data)[painted], corrected[painted])
+    assert np.asarray(layer.data)[~painted].min() == 1
+
+
+# -- errors in plain words -----------------------------------------------------------------------
+
+
+def test_start_explains_missing_corrections_and_shape_mismatch(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    use_tiny_fresh_model(widget)
+    widget.start()
+    assert not widget.is_training
+    assert messages[-1][0] == "error" and "No confirmed pixels yet" in messages[-1][1]
+    viewer.add_labels(np.zeros((3, 32, 32), np.uint8), name="wrong size")
+    widget.labels_picker.set_layer(viewer.layers["wrong size"])
+    widget.mark_current_slice_reviewed()
+    widget.start()
+    assert not widget.is_training and "has shape" in messages[-1][1]
+    widget.start_from.setCurrentIndex(0)  # the Segment widget's model, which does not exist yet
+    widget.labels_picker.set_layer(viewer.layers["EM labels"])
+    widget.mark_current_slice_reviewed()
+    widget.start()
+    assert "Segment widget has no model" in messages[-1][1]
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def wait_for_training(qtbot, widget, timeout=60000):
+    qtbot.waitUntil(lambda: not widget.is_training, timeout=timeout)
+
+
+def start_with_reviewed_slice(viewer, widget, qtbot, settings, z=1):
+    use_tiny_fresh_model(widget, settings)
+    go_to_slice(viewer, z)
+    widget.mark_current_slice_reviewed()
+    widget.start()
+    assert widget.is_training
+
+
+def test_fine_tune_fills_plots_saves_a_checkpoint_and_updates_the_preview(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    image, truth = em
+    prediction = truth.copy()
+    prediction[1, :, :32] = 1  # a wrong "prediction" to correct
+    viewer, widget = open_viewer(make_napari_viewer, em, prediction=prediction)
+    layer = widget.labels_layer
+    layer.brush_size = 9
+    layer.paint((1, 20, 10), 0)
+    # a time budget (not a step count) so that the 0.5 s previews fire however fast the machine is
+    settings = FinetuneSettings(**{**TINY.__dict__, "steps": None, "time_budget": 3.0})
+    start_with_reviewed_slice(viewer, widget, qtbot, settings, z=2)
+    preview = widget.preview_layer
+    assert preview is not None and preview.name == "EM preview" and not np.asarray(preview.data).any()
+    wait_for_training(qtbot, widget)
+
+    assert widget.plots.n_loss_points >= 1  # a loaded CI machine may manage few steps in 3 s
+    assert widget.plots.n_dice_points >= 1 and len(widget.plots.dice[-1]) == 2
+    assert widget.last_checkpoint is not None and widget.last_checkpoint.exists()
+    assert np.asarray(preview.data)[2].any()  # the slice in view was predicted during training
+    holder = model_holder(viewer)
+    assert holder.model is not None and "fine-tuned" in holder.source and holder.trained
+
+    from napari_unet.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(widget.last_checkpoint)
+    assert ckpt.provenance["reviewed_slices"] == [2]
+    assert ckpt.provenance["confirmed_pixels"] == widget.state.counts(0).confirmed
+    assert ckpt.provenance["image_name"] == "EM" and ckpt.provenance["steps"] == widget.plots.steps[-1]
+    assert str(widget.last_checkpoint) in widget.status_label.text()
+    assert widget.resume_button.isEnabled() and widget.start_button.isEnabled()
+
+    # Resume goes on from the saved weights: the step count continues
+    last = widget.plots.steps[-1]
+    widget.set_settings(FinetuneSettings(**{**TINY.__dict__, "steps": 3}))
+    widget.resume()
+    wait_for_training(qtbot, widget)
+    assert widget.plots.steps[-1] == last + 3
+
+
+def test_stop_ends_training_within_a_second_and_keeps_the_weights(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    start_with_reviewed_slice(viewer, widget, qtbot, FinetuneSettings(**{**TINY.__dict__, "steps": None, "time_budget": 60}))
+    qtbot.waitUntil(lambda: widget.plots.n_loss_points >= 3, timeout=30000)
+    qtbot.mouseClick(widget.stop_button, Qt.LeftButton)
+    # the training loop ends within a second of the click (its "finished" event reaches the GUI)...
+    qtbot.waitUntil(lambda: widget.last_stop_latency is not None, timeout=5000)
+    assert widget.last_stop_latency < 1.0
+    print(f"stop latency: {widget.last_stop_latency * 1000:.0f} ms")
+    # ...then the best weights are saved and shared
+    wait_for_training(qtbot, widget, timeout=20000)
+    assert widget.last_checkpoint.exists() and "stopped by the user" in widget.status_label.text()
+    assert model_holder(viewer).model is not None
+
+
+def test_deleting_the_image_mid_run_stops_cleanly_with_a_message(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    start_with_reviewed_slice(viewer, widget, qtbot, FinetuneSettings(**{**TINY.__dict__, "steps": None, "time_budget": 60}))
+    qtbot.waitUntil(lambda: widget.plots.n_loss_points >= 2, timeout=30000)
+    viewer.layers.remove("EM")
+    wait_for_training(qtbot, widget, timeout=20000)
+    assert any(kind == "warning" and "'EM' was deleted during training" in text for kind, text in messages)
+    assert widget.last_checkpoint is not None and widget.last_checkpoint.exists()  # weights kept
+    assert model_holder(viewer).model is not None
+    assert not [text for kind, text in messages if kind == "error"]
+
+
+def test_out_of_memory_retries_once_with_half_the_batch(make_napari_viewer, em, qtbot, autosave_dir, messages, monkeypatch):
+    from napari_unet.training import TrainingOutOfMemory
+
+    real = fw.build_finetune_trainer
+    batches = []
+
+    def flaky(*args, **kwargs):
+        settings = args[4]
+        batches.append(settings.batch_size)
+        if len(batches) == 1:
+            raise TrainingOutOfMemory("The cpu device ran out of memory.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fw, "build_finetune_trainer", flaky)
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    start_with_reviewed_slice(viewer, widget, qtbot, FinetuneSettings(**{**TINY.__dict__, "batch_size": 4, "steps": 2}))
+    wait_for_training(qtbot, widget)
+    assert batches == [4, 2]
+    assert any("retrying with batch size 2" in text for _, text in messages)
+    assert widget.last_checkpoint.exists()
+
+
+def test_a_3d_model_fine_tunes_on_a_reviewed_sub_volume_and_painted_voxels(make_napari_viewer, qtbot, autosave_dir, messages):
+    image, truth = make_organelles_3d(shape=(16, 48, 48), seed=0)
+    viewer, widget = open_viewer(make_napari_viewer, (image, truth))
+    settings = FinetuneSettings(**{**TINY.__dict__, "patch_size": 16, "steps": 3, "val_fraction": 0.0})
+    use_tiny_fresh_model(widget, settings, variant="unet3d")
+    layer = widget.labels_layer
+    layer.brush_size = 5
+    layer.paint((3, 10, 10), 1)
+    go_to_slice(viewer, 10)
+    widget.review_depth.setValue(4)
+    widget.mark_current_slice_reviewed()
+    state = widget.state
+    assert state.reviewed_regions == [((9, 13), (0, 48), (0, 48))]
+    widget.start()
+    wait_for_training(qtbot, widget)
+    assert widget.plots.n_loss_points == 3
+    assert model_holder(viewer).model.spatial_dims == 3 and widget.last_checkpoint.exists()
+
+
+def test_re_running_segment_after_training_keeps_the_corrections(make_napari_viewer, em, qtbot, autosave_dir, messages):
+    """Segment writes its output into 'EM labels', the very layer the user corrected."""
+    from napari_unet._qt.segment_widget import SegmentWidget
+
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    segment = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment, name="Segment")
+    layer = widget.labels_layer
+    layer.brush_size = 5
+    layer.paint((0, 30, 30), 0)
+    widget.rerun_check.setChecked(True)
+    start_with_reviewed_slice(viewer, widget, qtbot, FinetuneSettings(**{**TINY.__dict__, "steps": 2}), z=1)
+    corrected = np.array(layer.data)
+    wait_for_training(qtbot, widget)
+    qtbot.waitUntil(lambda: segment.worker is not None and not segment.worker.is_running, timeout=30000)
+    qtbot.waitUntil(lambda: not np.array_equal(np.asarray(layer.data), corrected), timeout=5000)
+    confirmed = widget.state.confirmed_mask(0)
+    assert np.array_equal(np.asarray(layer.data)[confirmed], corrected[confirmed])  # the user's work stays
+    assert any("kept on top of the new labels" in text for _, text in messages)
+
+
+def test_the_form_defaults_are_the_benchmarked_defaults(make_napari_viewer, em, autosave_dir, messages):
+    """benchmarks/human_in_the_loop.py uses FinetuneSettings(); the dock must start from the same."""
+    from napari_unet.training import TrainConfig
+
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    expected = FinetuneSettings(learning_rate=TrainConfig().learning_rate)
+    assert widget.settings() == expected
+    assert expected.train_config(2) == FinetuneSettings().train_config(2)
+    widget.set_settings(TINY)
+    assert widget.settings() == TINY
+    assert widget.lr_spin.toolTip() and widget.time_spin.toolTip() and widget.loss_combo.toolTip()
