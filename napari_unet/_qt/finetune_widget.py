@@ -634,7 +634,10 @@ class FinetuneWidget(QWidget):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self._scroll)
-        self.setMinimumWidth(360)
+        # wide enough for the form's widest row: the horizontal scroll bar is off, so a narrower
+        # dock would clip the right-hand column instead of scrolling to it
+        scroll_bar = self._scroll.verticalScrollBar().sizeHint().width()
+        self.setMinimumWidth(max(360, content.minimumSizeHint().width() + scroll_bar + 4))
 
     @staticmethod
     def _engine_defaults() -> dict:
