@@ -1,0 +1,171 @@
+"""ISBI 2012 benchmark: train on slices 0-19 with the CLI's defaults, score held-out slices 20-23.
+
+    python benchmarks/train_isbi.py [--time-budget 900] [--data ../shared/data/isbi2012]
+
+Trains exactly what `napari-unet train` trains (same model defaults, same TrainConfig defaults,
+same code path), validating on slices 20-23 during training to record Dice against wall time.
+The final model is scored on slices 20-23 with and without 8-fold test-time augmentation (flips
+in x and y). Writes benchmarks/results/isbi.json and isbi_curve.png and prints a summary line.
+Options other than --time-budget/--data exist for the experiments that chose the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from napari_unet import cli, inference, io, metrics  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+TRAIN_SLICES = slice(0, 20)
+VAL_SLICES = slice(20, 24)
+MEMBRANE, CELL = 0, 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = cli.default_train_config()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--time-budget", type=float, default=900.0, help="training seconds (default 900)")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "isbi2012")
+    parser.add_argument("--name", default="isbi", help="result file stem (default isbi)")
+    # experiment overrides; the defaults are the CLI's
+    parser.add_argument("--model", default=cli.DEFAULT_MODEL)
+    parser.add_argument("--width", type=int, default=cli.DEFAULT_WIDTH)
+    parser.add_argument("--depth", type=int, default=cli.DEFAULT_DEPTH)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--loss", default=defaults.loss)
+    parser.add_argument("--amp", default=defaults.amp)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--loss-options", type=json.loads, default={}, help='JSON, e.g. {"dice_weight": 1}')
+    parser.add_argument("--steps", type=int, default=None, help="step budget instead of the time budget")
+    parser.add_argument("--val-every", type=int, default=None)
+    parser.add_argument("--border-weights", type=int, default=int(defaults.border_weights))
+    return parser.parse_args(argv)
+
+
+def first_time_reaching(history: dict, class_index: int, threshold: float) -> float | None:
+    for elapsed, dice in zip(history["val_elapsed"], history["val_dice"]):
+        if dice[class_index] >= threshold:
+            return float(elapsed)
+    return None
+
+
+def score(model, images: np.ndarray, labels: np.ndarray, tta: bool) -> dict:
+    start = time.perf_counter()
+    probabilities = inference.predict(model, images, tta=tta, device="cpu")
+    prediction = inference.probabilities_to_labels(probabilities)
+    result = metrics.evaluate_segmentation(prediction, labels, n_classes=2, per_slice=True)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def plot_curve(history: dict, path: Path, title: str) -> None:
+    """Dice against wall time (left) and against optimisation steps (right, load-independent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dice = np.asarray(history["val_dice"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, label in ((axes[0], "val_elapsed", "wall time (s)"), (axes[1], "val_step", "optimisation steps")):
+        x = np.asarray(history[key])
+        ax.plot(x, dice[:, CELL], label="cell interior Dice")
+        ax.plot(x, dice[:, MEMBRANE], label="membrane Dice")
+        for level, colour in ((0.955, "C0"), (0.82, "C1"), (0.80, "grey")):
+            ax.axhline(level, color=colour, ls=":", lw=0.8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axvline(90, color="grey", ls="--", lw=0.8)
+    axes[0].set_ylabel("validation Dice, slices 20-23 (no TTA)")
+    axes[0].set_ylim(0.6, 1.0)
+    axes[1].legend(loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    images = io.read_image(args.data / "train-volume.tif")
+    labels = io.read_labels(args.data / "train-labels.tif")
+    train_images, train_labels = images[TRAIN_SLICES], labels[TRAIN_SLICES]
+    val_images, val_labels = images[VAL_SLICES], labels[VAL_SLICES]
+
+    config = cli.default_train_config(
+        time_budget=None if args.steps else args.time_budget, steps=args.steps, val_every=args.val_every,
+        loss_options=args.loss_options, border_weights=bool(args.border_weights), batch_size=args.batch_size, patch_size=args.patch_size,
+        learning_rate=args.lr, loss=args.loss, amp=args.amp, warmup_steps=args.warmup_steps,
+        augment=not args.no_augment, seed=args.seed, device="cpu",
+    )
+    model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
+
+    cpu_seconds = []  # process CPU time at each validation: a load-independent measure of work
+
+    def log(event) -> None:
+        if event.kind == "validation":
+            cpu_seconds.append(round(time.process_time() - cpu_start, 1))
+            print(f"  {event.elapsed:7.1f} s  step {event.step:5d}  membrane {event.dice[MEMBRANE]:.4f}  "
+                  f"cell {event.dice[CELL]:.4f}", flush=True)
+        elif event.kind == "finished":
+            print(f"  {event.message}", flush=True)
+
+    cpu_start = time.process_time()
+    trainer = cli.train_model(model, train_images, train_labels, config=config,
+                              val_images=val_images, val_labels=val_labels, on_event=log)
+    history = trainer.history
+    steps_per_second = trainer.step / max(history["elapsed"][-1], 1e-9)
+    final = score(trainer.model, val_images, val_labels, tta=False)
+    final_tta = score(trainer.model, val_images, val_labels, tta=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    settings = {"model": args.model, "width": args.width, "depth": args.depth, **dataclasses.asdict(config)}
+    result = {
+        "benchmark": "ISBI 2012: train slices 0-19, validate on 20-23",
+        "command": "python benchmarks/train_isbi.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": settings,
+        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "platform": platform.platform(),
+                    "load_average_at_end": os.getloadavg()},
+        "steps": trainer.step,
+        "steps_per_second": round(steps_per_second, 3),
+        "time_to_membrane_dice_0.80_s": first_time_reaching(history, MEMBRANE, 0.80),
+        "best_step": history["best_step"],
+        "final": final,
+        "final_tta": final_tta,
+        "curve": {"elapsed": history["val_elapsed"], "step": history["val_step"], "dice": history["val_dice"],
+                  "cpu_seconds": cpu_seconds},
+    }
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    title = (f"ISBI 2012 held-out slices 20-23: {args.model} w{args.width} d{args.depth}, "
+             f"{args.time_budget:.0f} s on {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    plot_curve(history, RESULTS / f"{args.name}_curve.png", title)
+    print(
+        f"ISBI {args.name}: cell Dice {final_tta['dice_per_class'][CELL]:.4f}, membrane Dice "
+        f"{final_tta['dice_per_class'][MEMBRANE]:.4f}, pixel error {final_tta['pixel_error']:.4f} (TTA); "
+        f"without TTA {final['dice_per_class'][CELL]:.4f} / {final['dice_per_class'][MEMBRANE]:.4f} / "
+        f"{final['pixel_error']:.4f}; time to membrane Dice 0.80: {result['time_to_membrane_dice_0.80_s']} s; "
+        f"{trainer.step} steps ({steps_per_second:.2f}/s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Lucchi++ mitochondria benchmark: a 2D model on z slices 0-71, scored on held-out slices 72-95.
+
+    python benchmarks/train_lucchi.py [--time-budget 900] [--data ../shared/data/lucchi_pp]
+
+Uses the CLI's defaults (the same model and TrainConfig as `napari-unet train`), treating the
+volume as a stack of 2D slices (2D UNet; 3D convolutions cost too much on a 2-core CPU for a
+15-minute budget). Validates on slices 72-95 during training for the Dice-vs-time curve and
+scores the final model with and without flip TTA. Writes benchmarks/results/lucchi.json and
+lucchi_curve.png and prints a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from napari_unet import cli, io  # noqa: E402
+from train_isbi import score  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+TRAIN_SLICES = slice(0, 72)
+VAL_SLICES = slice(72, 96)
+MITO = 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = cli.default_train_config()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--time-budget", type=float, default=900.0, help="training seconds (default 900)")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "lucchi_pp")
+    parser.add_argument("--name", default="lucchi")
+    parser.add_argument("--model", default=cli.DEFAULT_MODEL)
+    parser.add_argument("--width", type=int, default=cli.DEFAULT_WIDTH)
+    parser.add_argument("--depth", type=int, default=cli.DEFAULT_DEPTH)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--loss", default=defaults.loss)
+    return parser.parse_args(argv)
+
+
+def plot_curve(history: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dice = np.asarray(history["val_dice"])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(history["val_elapsed"], dice[:, MITO], label="mitochondria Dice")
+    ax.axhline(0.92, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("validation Dice, z 72-95 (no TTA)")
+    ax.set_ylim(0.5, 1.0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    volume = io.read_image(args.data / "volume.tif")
+    labels = io.read_labels(args.data / "labels.tif")
+    config = cli.default_train_config(time_budget=args.time_budget, learning_rate=args.lr, loss=args.loss, device="cpu")
+    model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
+
+    cpu_seconds = []  # process CPU time at each validation: a load-independent measure of work
+
+    def log(event) -> None:
+        if event.kind == "validation":
+            cpu_seconds.append(round(time.process_time() - cpu_start, 1))
+            print(f"  {event.elapsed:7.1f} s  step {event.step:5d}  mitochondria Dice {event.dice[MITO]:.4f}", flush=True)
+        elif event.kind == "finished":
+            print(f"  {event.message}", flush=True)
+
+    cpu_start = time.process_time()
+    trainer = cli.train_model(model, volume[TRAIN_SLICES], labels[TRAIN_SLICES], config=config,
+                              val_images=volume[VAL_SLICES], val_labels=labels[VAL_SLICES], on_event=log)
+    history = trainer.history
+    val_images, val_labels = volume[VAL_SLICES], labels[VAL_SLICES]
+    final = score(trainer.model, val_images, val_labels, tta=False)
+    final_tta = score(trainer.model, val_images, val_labels, tta=True)
+    steps_per_second = trainer.step / max(history["elapsed"][-1], 1e-9)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "Lucchi++ (training crop): 2D model on z 0-71, validate on z 72-95",
+        "command": "python benchmarks/train_lucchi.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {"model": args.model, "width": args.width, "depth": args.depth, **dataclasses.asdict(config)},
+        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "platform": platform.platform(),
+                    "load_average_at_end": os.getloadavg()},
+        "steps": trainer.step,
+        "steps_per_second": round(steps_per_second, 3),
+        "best_step": history["best_step"],
+        "final": final,
+        "final_tta": final_tta,
+        "curve": {"elapsed": history["val_elapsed"], "step": history["val_step"], "dice": history["val_dice"],
+                  "cpu_seconds": cpu_seconds},
+    }
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    title = (f"Lucchi++ z 72-95: 2D {args.model} w{args.width} d{args.depth}, {args.time_budget:.0f} s on "
+             f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
+    plot_curve(history, RESULTS / f"{args.name}_curve.png", title)
+    print(f"Lucchi {args.name}: mitochondria Dice {final_tta['dice_per_class'][MITO]:.4f} (TTA), "
+          f"{final['dice_per_class'][MITO]:.4f} without; {trainer.step} steps ({steps_per_second:.2f}/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

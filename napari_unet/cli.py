@@ -1,0 +1,458 @@
+"""The ``napari-unet`` command line: train, predict, evaluate, demo.
+
+Every subcommand has ``--help``. Errors print one line, ``napari-unet: error: ...``, to stderr and
+the command exits non-zero, without a traceback. napari is imported only by ``demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+PROG = "napari-unet"
+
+# Defaults of `napari-unet train`; benchmarks/train_isbi.py uses these too (see the README).
+DEFAULT_MODEL = "unet"
+DEFAULT_WIDTH = 16
+DEFAULT_DEPTH = 4
+
+
+class CLIError(ValueError):
+    """A problem with the command's inputs, said in one sentence."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers (also used by the benchmarks)
+
+
+def default_train_config(**overrides: Any):
+    """The TrainConfig that `napari-unet train` uses when no option changes it."""
+    from .training import TrainConfig
+
+    return TrainConfig(**overrides)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail now, not after an hour of training, when `path` cannot be written."""
+    path = Path(path).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and path.is_dir() and path.suffix.lower() != ".zarr":
+        raise CLIError(f"cannot write {path}: it is a folder")
+    if not parent.is_dir():
+        raise CLIError(f"cannot write {path}: the folder {parent} does not exist")
+    probe = parent / f".napari-unet-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CLIError(f"cannot write {path}: {error.strerror or error}") from error
+    return path
+
+
+def _require_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CLIError(f"{what} not found: {path}")
+    return path
+
+
+def split_channels(image: np.ndarray, labels: np.ndarray, spatial_dims: int) -> int:
+    """Number of input channels of `image` given its labels; raises on a shape mismatch."""
+    from .io import check_pair
+
+    if image.ndim == labels.ndim:
+        check_pair(image.shape, labels.shape, channel_axis=None)
+        return 1
+    # a channel axis: (Z, C, Y, X) stacks for 2D models, (C, Z, Y, X) volumes for 3D models
+    axis = 1 if spatial_dims == 2 and image.ndim == 4 else 0
+    check_pair(image.shape, labels.shape, channel_axis=axis)
+    return int(image.shape[axis])
+
+
+def build_or_load_model(name: str, *, width: int, depth: int, in_channels: int, n_classes: int, init=None):
+    """A fresh model for `n_classes` classes, or the one in checkpoint `init` (a path or a loaded
+    Checkpoint) to fine-tune."""
+    from .checkpoint import Checkpoint, load_checkpoint
+    from .models import build_model
+
+    if init is not None:
+        ckpt = init if isinstance(init, Checkpoint) else load_checkpoint(_require_file(init, "checkpoint"))
+        model = ckpt.model
+        where = Path(ckpt.path).name if ckpt.path else "the checkpoint"
+        if max(2, model.out_channels) < n_classes:
+            raise CLIError(
+                f"the labels have {n_classes} classes but the model in {where} predicts {max(2, model.out_channels)}"
+            )
+        if model.in_channels != in_channels:
+            raise CLIError(f"the images have {in_channels} channel(s) but the model in {where} expects {model.in_channels}")
+        model.train()
+        return model
+    out_channels = 1 if n_classes <= 2 else n_classes
+    return build_model(name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth)
+
+
+def train_model(
+    model,
+    images,
+    labels,
+    *,
+    config,
+    weights=None,
+    val_images=None,
+    val_labels=None,
+    on_event: Callable | None = None,
+):
+    """Train `model` with the engine's Trainer; returns the trainer (model holds the best weights)."""
+    from .training import Trainer
+
+    trainer = Trainer(
+        model, images, labels, weights, val_images=val_images, val_labels=val_labels,
+        config=config, callbacks=[on_event] if on_event else (),
+    )
+    trainer.fit()
+    return trainer
+
+
+class _ProgressBar:
+    """A tqdm bar over the step or time budget, showing loss and the latest validation Dice."""
+
+    def __init__(self, config, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.by_time = config.steps is None
+        total = config.steps if config.steps is not None else config.time_budget
+        unit = "step" if not self.by_time else "s"
+        self.bar = tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True,
+                        bar_format=None if not self.by_time else "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{postfix}]")
+        self.position = 0.0
+        self.postfix: dict[str, str] = {}
+
+    def __call__(self, event) -> None:
+        if event.kind == "step":
+            now = event.step if not self.by_time else event.elapsed
+            if self.bar.total is not None:
+                now = min(now, self.bar.total)
+            self.bar.update(now - self.position)
+            self.position = now
+            self.postfix["loss"] = f"{event.loss:.4f}"
+            self.postfix["lr"] = f"{event.lr:.2g}"
+            self.postfix["img/s"] = f"{event.samples_per_second:.1f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+        elif event.kind == "validation":
+            self.postfix["val dice"] = "/".join(f"{d:.3f}" for d in event.dice)
+            self.bar.set_postfix(self.postfix)
+        elif event.kind == "finished":
+            self.bar.close()
+            print(f"{PROG}: {event.message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import devices, io
+    from .training import TrainConfig
+
+    devices.resolve_device(args.device)  # a bad device fails before anything is read
+    output = check_writable(args.output)
+    image = np.asarray(io.read_image(_require_file(args.images, "images")))
+    labels = io.read_labels(_require_file(args.labels, "labels"))
+    init = None
+    if args.init is not None:
+        from .checkpoint import load_checkpoint
+
+        init = load_checkpoint(_require_file(args.init, "checkpoint"))
+        spatial_dims = init.model.spatial_dims
+    else:
+        spatial_dims = 3 if args.model.endswith("3d") else 2
+    in_channels = split_channels(image, labels, spatial_dims)
+    n_classes = max(2, int(labels.max()) + 1)
+    model = build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=in_channels,
+                                n_classes=n_classes, init=init)
+    val_images = val_labels = None
+    if args.val_images or args.val_labels:
+        if not (args.val_images and args.val_labels):
+            raise CLIError("--val-images and --val-labels go together")
+        val_images = io.read_image(_require_file(args.val_images, "validation images"))
+        val_labels = io.read_labels(_require_file(args.val_labels, "validation labels"))
+        split_channels(np.asarray(val_images), val_labels, model.spatial_dims)
+    if args.steps is None and args.time_budget is None:
+        raise CLIError("give a training budget: --time-budget SECONDS and/or --steps N")
+    config = TrainConfig(
+        patch_size=args.patch_size, batch_size=args.batch_size, learning_rate=args.lr,
+        steps=args.steps, time_budget=args.time_budget, loss=args.loss, augment=not args.no_augment,
+        schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=args.device,
+        seed=args.seed,
+    )
+    progress = _ProgressBar(config, enabled=not args.quiet)
+    trainer = train_model(model, image, labels, config=config, val_images=val_images, val_labels=val_labels,
+                          on_event=progress)
+    provenance = {
+        "data_paths": [str(Path(args.images).resolve()), str(Path(args.labels).resolve())],
+        "command": "train",
+    }
+    trainer.save(output, provenance=provenance)
+    best = trainer.history.get("best_val_dice")
+    summary = {"output": str(output), "steps": trainer.step,
+               "seconds": round(trainer.history["elapsed"][-1], 1) if trainer.history["elapsed"] else 0.0,
+               "best_val_dice_per_class": best}
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from . import devices, io
+    from .checkpoint import load_checkpoint
+    from .inference import predict, probabilities_to_labels
+
+    devices.resolve_device(args.device)
+    ckpt = load_checkpoint(_require_file(args.model, "checkpoint"))
+    output = check_writable(args.output)
+    if Path(output).suffix.lower() not in io.WRITE_SUFFIXES:
+        raise CLIError(f"cannot write {output.name}: use a .tif, .tiff, .zarr or .npy file name")
+    probabilities_path = check_writable(args.probabilities) if args.probabilities else None
+    image = io.read_image(_require_file(args.images, "images"), lazy=True)
+    options = dict(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device)
+    progress = _tile_progress(enabled=not args.quiet)
+    if output.suffix.lower() == ".zarr":
+        _predict_to_zarr(ckpt.model, image, output, probabilities_path, options, progress, args.threshold)
+    else:
+        probabilities = predict(ckpt.model, image, progress=progress, **options)
+        progress.close()
+        io.write_labels(output, probabilities_to_labels(probabilities, threshold=args.threshold))
+        if probabilities_path is not None:
+            io.write_image(probabilities_path, np.asarray(probabilities, np.float32))
+    print(json.dumps({"output": str(output), "probabilities": str(probabilities_path) if probabilities_path else None}))
+    return 0
+
+
+def _predict_to_zarr(model, image, output: Path, probabilities_path, options, progress, threshold) -> None:
+    """Stream probabilities into zarr (the requested file or a temporary one), then labels slab by slab."""
+    from . import io
+    from .inference import predict, probabilities_to_labels
+
+    keep = probabilities_path is not None and probabilities_path.suffix.lower() == ".zarr"
+    store = probabilities_path if keep else output.with_name(f".{output.name}.probabilities-{uuid.uuid4().hex[:6]}.zarr")
+    try:
+        probabilities = predict(model, image, out=str(store), progress=progress, **options)
+        progress.close()
+        labels = io.open_zarr_output(output, probabilities.shape[1:], np.uint8)
+        slab = max(1, int(labels.chunks[0]))
+        for start in range(0, probabilities.shape[1], slab):
+            block = np.asarray(probabilities[:, start:start + slab])
+            labels[start:start + slab] = probabilities_to_labels(block, threshold=threshold)
+        if probabilities_path is not None and not keep:
+            io.write_image(probabilities_path, np.asarray(probabilities[...], np.float32))
+    finally:
+        if not keep and Path(store).exists():
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def _tile_progress(enabled: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="tile", disable=not enabled, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    update.close = bar.close  # type: ignore[attr-defined]
+    return update
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import io, metrics
+
+    prediction = io.read_labels(_require_file(args.prediction, "prediction"))
+    target = io.read_labels(_require_file(args.labels, "labels"))
+    if prediction.shape != target.shape:
+        raise CLIError(f"the prediction is {_shape(prediction.shape)} but the labels are {_shape(target.shape)}")
+    n_classes = max(2, int(max(prediction.max(initial=0), target.max(initial=0))) + 1)
+    per_slice = target.ndim == 3 and not args.volume
+    results = metrics.evaluate_segmentation(prediction, target, n_classes=n_classes, per_slice=per_slice)
+    results = {"dice": results["dice"], "iou": results["iou"], "pixel_error": results["pixel_error"],
+               "adapted_rand_error": results["adapted_rand_error"], **results}
+    print(json.dumps(results))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from . import _demo
+    except ImportError as error:
+        raise CLIError(f"the demo needs napari with a Qt backend ({error})") from error
+    result = _demo.main()
+    return int(result) if isinstance(result, int) else 0
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return " x ".join(str(s) for s in shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
+    return value
+
+
+def _sides(text: str) -> int | tuple[int, ...]:
+    """'256' or '32,96,96'."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256 or 32,96,96") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return values[0] if len(values) == 1 else values
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors on one line in our format (exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .losses import available_losses
+    from .models import available_models
+    from .training import TrainConfig
+
+    defaults = TrainConfig()
+    parser = _Parser(prog=PROG, description="Segment EM stacks and volumes with UNet variants.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,demo}", parser_class=_Parser)
+    sub.required = True
+
+    train = sub.add_parser("train", help="train or fine-tune a model", description=(
+        "Train a model on an image stack/volume and its labels (classes 0..K-1, or a 0/255 mask) and save "
+        "a checkpoint. The defaults are the ones benchmarked on ISBI 2012."))
+    train.add_argument("--images", required=True, help="image file or folder (tif stack, folder of slices, .npy, .zarr)")
+    train.add_argument("--labels", required=True, help="label file of the same size")
+    train.add_argument("--model", default=DEFAULT_MODEL, help=f"model variant (default {DEFAULT_MODEL}): "
+                       f"{', '.join(available_models())}")
+    train.add_argument("--width", type=_positive_int, default=DEFAULT_WIDTH, help=f"features at full resolution (default {DEFAULT_WIDTH})")
+    train.add_argument("--depth", type=_positive_int, default=DEFAULT_DEPTH, help=f"number of poolings (default {DEFAULT_DEPTH})")
+    train.add_argument("--init", metavar="CKPT", help="start from this checkpoint (fine-tuning); --model/--width/--depth are then ignored")
+    train.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after this many seconds")
+    train.add_argument("--steps", type=_positive_int, metavar="N", help="stop after N optimisation steps")
+    train.add_argument("--val-fraction", type=_fraction, default=defaults.val_fraction, metavar="F",
+                       help=f"hold out this fraction of the slices (or a region) for validation (default {defaults.val_fraction})")
+    train.add_argument("--val-images", help="separate validation images (instead of --val-fraction)")
+    train.add_argument("--val-labels", help="labels of --val-images")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    train.add_argument("--output", required=True, metavar="CKPT", help="where to save the trained checkpoint (.pt)")
+    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
+    train.add_argument("--patch-size", type=_sides, default=None, help="patch side(s), e.g. 256 or 32,96,96 (default 192 in 2D, 32,96,96 in 3D)")
+    train.add_argument("--lr", type=_positive_float, default=defaults.learning_rate, help=f"peak learning rate (default {defaults.learning_rate})")
+    train.add_argument("--loss", default=defaults.loss, help=f"loss (default {defaults.loss}): {', '.join(available_losses())}")
+    train.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=defaults.schedule, help=f"learning-rate schedule (default {defaults.schedule})")
+    train.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp, help="mixed precision (default auto: on for CUDA)")
+    train.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    train.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    predict = sub.add_parser("predict", help="segment images with a trained model", description=(
+        "Predict a class map (and optionally probabilities) with the tiled inference engine. "
+        "A .zarr output is streamed tile by tile, so volumes larger than memory work."))
+    predict.add_argument("--model", required=True, metavar="CKPT", help="trained checkpoint (.pt)")
+    predict.add_argument("--images", required=True, help="image file or folder")
+    predict.add_argument("--output", required=True, metavar="PATH", help="class map to write (.tif or .zarr)")
+    predict.add_argument("--probabilities", metavar="PATH", help="also write the class probabilities (.tif or .zarr)")
+    predict.add_argument("--tile", type=_sides, default=None, help="tile side(s) (default: fit the device memory)")
+    predict.add_argument("--overlap", type=_fraction, default=0.25, help="tile overlap fraction (default 0.25)")
+    predict.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    predict.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for binary models (default 0.5)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="score a prediction against labels", description=(
+        "Print one JSON line with dice, iou, pixel_error, adapted_rand_error and per-class Dice. "
+        "A (Z, Y, X) stack is scored per slice for the instance metrics unless --volume is given."))
+    evaluate.add_argument("--prediction", required=True, help="predicted class map (or 0/255 mask)")
+    evaluate.add_argument("--labels", required=True, help="ground-truth class map (or 0/255 mask)")
+    evaluate.add_argument("--volume", action="store_true", help="score 3D instances instead of per-slice ones")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="open napari with sample data and the widgets",
+                          description="Open napari with sample data and the napari-unet widgets.")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `napari-unet` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args))
+    except SystemExit as exit_request:  # --help and usage errors
+        code = exit_request.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one readable line instead of a traceback
+        print(f"{PROG}: error: {_describe(error)}", file=sys.stderr)
+        return 1
+
+
+def _describe(error: BaseException) -> str:
+    """One line for the user: the engine's plain sentence, or the OS error and its file."""
+    from .training import TrainingOutOfMemory
+
+    if isinstance(error, (ValueError, TrainingOutOfMemory)):
+        text = str(error)
+    elif isinstance(error, OSError):
+        where = f": {error.filename}" if error.filename else ""
+        text = f"{error.strerror or error}{where}"
+    elif isinstance(error, MemoryError):
+        text = "out of memory; use a smaller tile, batch or patch size"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return " ".join(text.split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

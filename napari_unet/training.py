@@ -1,0 +1,651 @@
+"""The training engine: a step loop that reports through events and stops on request.
+
+``Trainer.run()`` is a generator: it yields a :class:`TrainEvent` after every optimisation step,
+every validation and every preview, then a final ``"finished"`` event. A GUI iterates it inside a
+worker thread; ``Trainer.stop()`` (thread-safe) ends the run before the next step. Nothing here
+imports napari or Qt.
+
+Typical use::
+
+    trainer = Trainer(build_model("unet", width=16), images, labels,
+                      config=TrainConfig(time_budget=600))
+    history = trainer.fit()          # or: for event in trainer.run(): ...
+    trainer.save("model.pt")
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import devices, io, losses, metrics
+from .data import AugmentConfig, DataError, PatchSampler, Sample, make_samples, split_validation
+
+__all__ = [
+    "TrainConfig",
+    "TrainEvent",
+    "Trainer",
+    "TrainingError",
+    "TrainingOutOfMemory",
+    "default_patch_size",
+]
+
+SCHEDULES = ("cosine", "plateau", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+# validation predicts whole samples up to this many pixels (2D) / voxels (3D) at once; bigger
+# ones go through the tiled inference engine
+_WHOLE_SAMPLE_PIXELS = {2: 2048 * 2048, 3: 128**3}
+
+
+class TrainingError(ValueError):
+    """Training settings or a resume checkpoint that cannot be used."""
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """The device ran out of memory during training."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. The defaults are the ones benchmarked on ISBI 2012.
+
+    patch_size: patch side(s); None = 192 x 192 for 2D models, 32 x 96 x 96 for 3D models.
+    steps / time_budget: stop after this many optimisation steps / seconds (either or both;
+        neither = until stop() or early stopping).
+    schedule: "cosine" (linear warm-up, then cosine decay to 1 % over the steps or time budget),
+        "plateau" (halve the learning rate after `plateau_patience` validations without
+        improvement) or "constant".
+    val_every: validate every N steps; None = automatically, every `val_interval` seconds at
+        the earliest and so that validation takes at most about 12 % of the time.
+    early_stopping_patience: stop after this many validations without a better mean Dice.
+    amp: mixed precision: "auto" (bf16/fp16 on CUDA, fp32 on CPU where bf16 measured slower
+        on the reference machine), "bf16", "fp16" or "off".
+    loss_options: keyword options of the loss (e.g. {"dice_weight": 1.0} for "border_weighted").
+    label_focus: probability that a patch is centred on a labelled pixel.
+    ema_decay: validate, preview and keep an exponential moving average of the weights
+        (Polyak averaging; it smooths the noise of high learning rates); None = the raw weights.
+    border_weights: multiply the pixel weights by the UNet paper's border weight map (class
+        balance plus w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) between touching cells) for any loss;
+        always on for the "border_weighted" loss.
+    """
+
+    patch_size: int | tuple[int, ...] | None = None
+    batch_size: int = 4
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-4
+    steps: int | None = None
+    time_budget: float | None = None
+    loss: str = "ce_dice"
+    loss_options: dict = field(default_factory=dict)
+    augment: bool = True
+    schedule: str = "cosine"
+    warmup_steps: int = 30
+    val_fraction: float = 0.2
+    val_every: int | None = None
+    early_stopping_patience: int | None = None
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    val_interval: float = 10.0
+    plateau_patience: int = 3
+    plateau_factor: float = 0.5
+    min_lr_fraction: float = 0.01
+    label_focus: float = 0.8
+    channels_last: bool = True
+    ema_decay: float | None = 0.99
+    border_weights: bool = False
+    border_w0: float = 10.0
+    border_sigma: float = 5.0
+
+    def check(self) -> None:
+        """Raise TrainingError (one plain sentence) for settings that cannot work."""
+        if self.batch_size < 1:
+            raise TrainingError(f"The batch size must be at least 1, not {self.batch_size}.")
+        if not self.learning_rate > 0:
+            raise TrainingError(f"The learning rate must be positive, not {self.learning_rate}.")
+        if self.steps is not None and self.steps < 1:
+            raise TrainingError(f"The number of steps must be at least 1, not {self.steps}.")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise TrainingError(f"The time budget must be positive, not {self.time_budget}.")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"Unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}.")
+        if self.amp not in AMP_MODES:
+            raise TrainingError(f"Unknown mixed-precision mode {self.amp!r}; use one of {', '.join(AMP_MODES)}.")
+        if not 0 <= self.val_fraction < 1:
+            raise TrainingError(f"The validation fraction must be in [0, 1), not {self.val_fraction}.")
+        if self.val_every is not None and self.val_every < 1:
+            raise TrainingError(f"val_every must be at least 1 step, not {self.val_every}.")
+        if self.warmup_steps < 0:
+            raise TrainingError(f"The warm-up must not be negative, not {self.warmup_steps}.")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise TrainingError(f"The EMA decay must be in [0, 1), not {self.ema_decay}.")
+        if self.loss.strip().lower().replace("-", "_") not in losses.available_losses():
+            raise TrainingError(f"Unknown loss {self.loss!r}; use one of {', '.join(losses.available_losses())}.")
+
+
+@dataclass
+class TrainEvent:
+    """What the trainer reports: after a step, a validation, a preview, and once at the end."""
+
+    kind: str  # "step" | "validation" | "preview" | "finished"
+    step: int
+    elapsed: float  # seconds since run() started
+    loss: float | None = None
+    lr: float | None = None
+    samples_per_second: float | None = None
+    dice: list[float] | None = None  # per class
+    iou: list[float] | None = None  # per class
+    message: str = ""
+    payload: Any = None
+
+
+def default_patch_size(spatial_dims: int) -> tuple[int, ...]:
+    return (192, 192) if spatial_dims == 2 else (32, 96, 96)
+
+
+def _patch_size(config: TrainConfig, spatial_dims: int) -> tuple[int, ...]:
+    if config.patch_size is None:
+        return default_patch_size(spatial_dims)
+    if isinstance(config.patch_size, int):
+        return (int(config.patch_size),) * spatial_dims
+    size = tuple(int(s) for s in config.patch_size)
+    if len(size) != spatial_dims:
+        raise TrainingError(f"The patch size {size} does not have {spatial_dims} sides for a {spatial_dims}D model.")
+    return size
+
+
+def _n_classes(model: nn.Module) -> int:
+    return max(2, int(model.out_channels))
+
+
+def _to_classes(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (N, C, *spatial) -> class map (N, *spatial)."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
+
+
+class Trainer:
+    """Trains a segmentation model on (sparsely) labelled images; see the module docstring.
+
+    images: a list of raw arrays, one per sample (2D model: (Y, X) or (C, Y, X); 3D model:
+    (Z, Y, X) or (C, Z, Y, X)), or one array: a (Z, Y, X) stack is Z samples for a 2D model.
+    labels: integer class maps of the same spatial shapes. weights: float maps, 0 = ignore.
+    Validation data are given the same way; without them `config.val_fraction` of the labelled
+    samples (or a region of a single sample) is held out and never used for training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images,
+        labels,
+        weights=None,
+        *,
+        val_images=None,
+        val_labels=None,
+        val_weights=None,
+        config: TrainConfig | None = None,
+        callbacks: Sequence[Callable[[TrainEvent], Any]] = (),
+        normalization: dict | None = None,
+        preview_fn: Callable[[nn.Module], Any] | None = None,
+        preview_interval: float = 5.0,
+        resume_from=None,
+    ):
+        self.config = config if config is not None else TrainConfig()
+        self.config.check()
+        self.model = model
+        self.callbacks = list(callbacks)
+        self.preview_fn = preview_fn
+        self.preview_interval = float(preview_interval)
+        self.normalization = dict(normalization or getattr(model, "normalization", None) or io.DEFAULT_NORMALIZATION)
+        for key in ("lo", "hi"):  # only the spec is kept; stats are recomputed per sample
+            self.normalization.pop(key, None)
+        self.device = devices.resolve_device(self.config.device)
+        self.spatial_dims = int(model.spatial_dims)
+        self.n_classes = _n_classes(model)
+        self.patch_size = _patch_size(self.config, self.spatial_dims)
+
+        def make(imgs, labs, wts):
+            return make_samples(
+                imgs, labs, wts, spatial_dims=self.spatial_dims, in_channels=int(model.in_channels),
+                n_classes=self.n_classes, normalize=self._normalize,
+            )
+
+        samples = make(images, labels, weights)
+        if val_images is not None or val_labels is not None:
+            if val_images is None or val_labels is None:
+                raise DataError("Validation needs both images and labels.")
+            self.train_samples, self.val_samples = samples, make(val_images, val_labels, val_weights)
+        else:
+            self.train_samples, self.val_samples = split_validation(samples, self.config.val_fraction)
+        if not any(s.labelled_pixels for s in self.train_samples):
+            raise DataError("After holding out validation data no labelled pixels are left to train on.")
+
+        self.history: dict[str, Any] = {
+            "step": [], "elapsed": [], "loss": [], "lr": [],
+            "val_step": [], "val_elapsed": [], "val_dice": [], "val_iou": [],
+            "best_step": None, "best_val_dice": None, "stop_reason": "",
+        }
+        self._stop_event = threading.Event()
+        self._step = 0
+        self._elapsed_before = 0.0  # training seconds of earlier runs (resume)
+        self._best_score = -math.inf
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._lr_scale = 1.0
+        self._stale_validations = 0
+        self._generator = torch.Generator().manual_seed(int(self.config.seed))
+        self._evaluated = model  # the model validation and previews use (an EMA copy during run())
+        self.model.normalization = dict(self.normalization)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+        )
+        if resume_from is not None:
+            self._load_resume_state(resume_from)
+
+    # ------------------------------------------------------------------------------------------
+    # Public API
+
+    def stop(self) -> None:
+        """Ask the run to end before its next step (safe to call from any thread)."""
+        self._stop_event.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_event.is_set()
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def fit(self) -> dict:
+        """Run to the end, calling the callbacks with every event; returns the history."""
+        for _ in self.run():
+            pass
+        return self.history
+
+    def run(self) -> Iterator[TrainEvent]:
+        """Train, yielding a TrainEvent per step / validation / preview and a final "finished" event."""
+        try:
+            yield from self._run()
+        except Exception as error:
+            if devices.is_out_of_memory(error):
+                devices.release_memory(self.device)
+                raise TrainingOutOfMemory(
+                    f"The {self.device.type} device ran out of memory; use a smaller batch size "
+                    f"(now {self.config.batch_size}) or patch size (now {'x'.join(map(str, self.patch_size))})."
+                ) from error
+            raise
+        finally:
+            self._restore_best()
+            # a stop() asked for during this run is used up; a later run() trains again
+            self._stop_event.clear()
+
+    def save(self, path, provenance: dict | None = None) -> Path:
+        """Save the model (best weights), history, normalisation spec and resume state."""
+        from .checkpoint import save_checkpoint
+
+        info = {
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "steps": self._step,
+            "training_seconds": round(self._elapsed_before, 1),
+            "train_config": _plain_config(self.config),
+            "train_samples": len(self.train_samples),
+            "val_samples": len(self.val_samples),
+        }
+        info.update(provenance or {})
+        extra = {
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": {
+                "step": self._step,
+                "elapsed": self._elapsed_before,
+                "lr_scale": self._lr_scale,
+                "best_score": self._best_score if math.isfinite(self._best_score) else None,
+                "generator_state": self._generator.get_state(),
+            },
+        }
+        return save_checkpoint(
+            path, self.model, normalization=self.normalization, history=self.history,
+            provenance=info, extra=extra,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        stats = io.compute_normalization(image, self.normalization)
+        return io.apply_normalization(image, stats)
+
+    def _load_resume_state(self, source) -> None:
+        from .checkpoint import Checkpoint, load_checkpoint
+
+        ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
+        if dict(ckpt.config) != dict(self.model.config):
+            raise TrainingError("The checkpoint to resume from holds a different model architecture.")
+        self.model.load_state_dict(ckpt.model.state_dict())
+        self.model.to(self.device)
+        state = ckpt.extra.get("trainer", {}) if isinstance(ckpt.extra, dict) else {}
+        optimizer_state = ckpt.extra.get("optimizer") if isinstance(ckpt.extra, dict) else None
+        if optimizer_state:
+            try:
+                self.optimizer.load_state_dict(optimizer_state)
+            except (ValueError, KeyError) as error:
+                raise TrainingError("The optimizer state in the checkpoint does not fit this model.") from error
+            for group in self.optimizer.param_groups:  # this run's settings win
+                group["lr"] = self.config.learning_rate
+                group["weight_decay"] = self.config.weight_decay
+        self._step = int(state.get("step", 0))
+        self._elapsed_before = float(state.get("elapsed", 0.0))
+        if state.get("generator_state") is not None:
+            self._generator.set_state(state["generator_state"])
+        if ckpt.history:
+            for key, value in ckpt.history.items():
+                self.history[key] = list(value) if isinstance(value, (list, tuple)) else value
+        # the old best score came from another validation set maybe: start selection afresh,
+        # with the resumed weights as the first candidate
+        self._best_state = None
+
+    def _loss_weights(self) -> list[np.ndarray] | None:
+        """Per-sample border weight maps for the "border_weighted" loss (computed once)."""
+        is_border_loss = self.config.loss.strip().lower().replace("-", "_") == "border_weighted"
+        if not (is_border_loss or self.config.border_weights):
+            return None
+        maps = []
+        for sample in self.train_samples:
+            maps.append(
+                losses.border_weight_map(
+                    sample.labels, w0=self.config.border_w0, sigma=self.config.border_sigma,
+                    valid_mask=sample.weights > 0,
+                )
+            )
+        return maps
+
+    def _autocast(self):
+        """(autocast context factory, GradScaler or None) for the chosen precision."""
+        precision = {"auto": "auto", "bf16": "bf16", "fp16": "fp16", "off": "fp32"}[self.config.amp]
+        dtype = devices.autocast_dtype(self.device, precision)
+        if dtype is None or self.device.type not in ("cuda", "cpu"):
+            return (lambda: torch.autocast(self.device.type, enabled=False)), None
+        scaler = None
+        if dtype == torch.float16 and self.device.type == "cuda":
+            scaler = torch.amp.GradScaler("cuda")
+        return (lambda: torch.autocast(self.device.type, dtype=dtype)), scaler
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def _run(self) -> Iterator[TrainEvent]:
+        config = self.config
+        torch.manual_seed(config.seed)
+        start = time.perf_counter()
+        self._run_start = start
+        augment = AugmentConfig() if config.augment else None
+        sampler = PatchSampler(
+            self.train_samples, self.patch_size, device=self.device, augment=augment,
+            label_focus=config.label_focus, extra_weights=self._loss_weights(),
+        )
+        loss_fn = losses.get_loss(config.loss, **config.loss_options)
+        autocast, scaler = self._autocast()
+        memory_format = torch.channels_last if (config.channels_last and self.spatial_dims == 2) else None
+        if memory_format is not None:
+            self.model.to(memory_format=memory_format)
+        self.model.train()
+        averaged = _WeightAverage(self.model, config.ema_decay)
+        self._evaluated = averaged.model
+
+        run_steps = 0
+        throughput = None
+        last_validation = start
+        validation_seconds = 0.0
+        last_preview = start
+        reason = ""
+        best_before = self._best_score
+        while True:
+            reason = self._stop_reason(run_steps, start)
+            if reason:
+                break
+            step_start = time.perf_counter()
+            lr = self._set_learning_rate(run_steps, start)
+            images, labels, weights = sampler.sample(config.batch_size, self._generator)
+            if memory_format is not None:
+                images = images.contiguous(memory_format=memory_format)
+            with autocast():
+                logits = self.model(images)
+            loss = loss_fn(logits.float(), labels, weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            averaged.update(self.model)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                reason = "stopped: the loss became NaN or infinite (try a smaller learning rate)"
+                break
+            run_steps += 1
+            self._step += 1
+            now = time.perf_counter()
+            rate = config.batch_size / max(now - step_start, 1e-9)
+            throughput = rate if throughput is None else 0.9 * throughput + 0.1 * rate
+            elapsed = self._elapsed(now, start)
+            self._record_step(elapsed, loss_value, lr)
+            event = TrainEvent("step", self._step, elapsed, loss=loss_value, lr=lr, samples_per_second=throughput)
+            yield self._emit(event)
+
+            if self.val_samples and self._validation_due(run_steps, now, last_validation, validation_seconds):
+                val_start = time.perf_counter()
+                event = self._validate(start)
+                last_validation = time.perf_counter()
+                validation_seconds = last_validation - val_start
+                if event is None:  # interrupted by stop()
+                    continue
+                yield self._emit(event)
+                if self._early_stop_due():
+                    reason = f"early stop: no better validation Dice in {config.early_stopping_patience} validations"
+                    break
+            if self.preview_fn is not None and time.perf_counter() - last_preview >= self.preview_interval:
+                yield self._emit(self._preview(start))
+                last_preview = time.perf_counter()
+
+        # score the final weights too, unless they were just validated
+        if self.val_samples and run_steps and (not self.history["val_step"] or self.history["val_step"][-1] != self._step):
+            if not reason.startswith("stopped by user"):
+                event = self._validate(start, ignore_stop=True)
+                if event is not None:
+                    yield self._emit(event)
+        if not self.val_samples:
+            # without validation the last (averaged) weights are kept
+            self._best_state = _state_copy(averaged.model) if averaged.model is not self.model else None
+        self.history["stop_reason"] = reason
+        self._elapsed_before = self._elapsed(time.perf_counter(), start)
+        self._restore_best()
+        message = reason
+        if self.history["best_val_dice"] is not None and self._best_score > best_before:
+            message += f"; best validation mean Dice {self._best_score:.4f} at step {self.history['best_step']}"
+        yield self._emit(TrainEvent("finished", self._step, self._elapsed_before, message=message))
+
+    def _elapsed(self, now: float, start: float) -> float:
+        return self._elapsed_before + (now - start)
+
+    def _stop_reason(self, run_steps: int, start: float) -> str:
+        config = self.config
+        if self._stop_event.is_set():
+            return f"stopped by user after {run_steps} steps"
+        if config.steps is not None and run_steps >= config.steps:
+            return f"reached {config.steps} steps"
+        if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
+            return f"reached the time budget of {config.time_budget:g} s"
+        return ""
+
+    def _progress(self, run_steps: int, start: float) -> float | None:
+        """Fraction of the run done (by steps or time, whichever is further); None = open-ended."""
+        parts = []
+        if self.config.steps is not None:
+            parts.append(run_steps / self.config.steps)
+        if self.config.time_budget is not None:
+            parts.append((time.perf_counter() - start) / self.config.time_budget)
+        return min(1.0, max(parts)) if parts else None
+
+    def _set_learning_rate(self, run_steps: int, start: float) -> float:
+        config = self.config
+        lr = config.learning_rate * self._lr_scale
+        if config.warmup_steps and run_steps < config.warmup_steps:
+            lr *= (run_steps + 1) / (config.warmup_steps + 1)
+        elif config.schedule == "cosine":
+            progress = self._progress(run_steps, start)
+            if progress is not None:
+                floor = config.min_lr_fraction
+                lr *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _record_step(self, elapsed: float, loss: float, lr: float) -> None:
+        self.history["step"].append(self._step)
+        self.history["elapsed"].append(round(elapsed, 3))
+        self.history["loss"].append(loss)
+        self.history["lr"].append(lr)
+
+    def _emit(self, event: TrainEvent) -> TrainEvent:
+        for callback in self.callbacks:
+            callback(event)
+        return event
+
+    # ------------------------------------------------------------------------------------------
+    # Validation, model selection, previews
+
+    def _validation_due(self, run_steps: int, now: float, last_validation: float, last_cost: float) -> bool:
+        if self.config.val_every is not None:
+            return run_steps % self.config.val_every == 0
+        # automatic: at most every val_interval seconds, and validation <= ~12 % of the time
+        waited = now - last_validation
+        return waited >= max(self.config.val_interval, 7.0 * last_cost)
+
+    @torch.no_grad()
+    def _predict_sample_logits(self, sample: Sample) -> torch.Tensor:
+        """Logits-like scores (C, *spatial) of a whole held-out sample, in eval mode."""
+        model = self._evaluated
+        autocast, _ = self._autocast()
+        image = sample.image
+        if int(np.prod(sample.spatial_shape)) <= _WHOLE_SAMPLE_PIXELS[self.spatial_dims]:
+            batch = torch.from_numpy(image)[None].to(self.device)
+            if self.spatial_dims == 2 and self.config.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                return model(batch)[0].float()
+        from .inference import predict
+
+        probabilities = predict(model, image, normalization=False, device=self.device)
+        # probabilities (n_classes, *spatial) -> something _to_classes understands
+        return torch.from_numpy(np.asarray(probabilities)).log()
+
+    def _validate(self, start: float, ignore_stop: bool = False) -> TrainEvent | None:
+        model = self._evaluated
+        was_training = model.training
+        model.eval()
+        predictions, targets, weights = [], [], []
+        try:
+            for sample in self.val_samples:
+                if self._stop_event.is_set() and not ignore_stop:
+                    return None
+                scores = self._predict_sample_logits(sample)
+                classes = _to_classes(scores[None])[0]
+                predictions.append(classes.cpu().numpy().ravel())
+                targets.append(sample.labels.ravel())
+                weights.append(sample.weights.ravel())
+        finally:
+            model.train(was_training)
+        prediction = np.concatenate(predictions)
+        target = np.concatenate(targets)
+        weight = np.concatenate(weights)
+        dice = [float(v) for v in metrics.dice_per_class(prediction, target, self.n_classes, weight)]
+        iou = [float(v) for v in metrics.iou_per_class(prediction, target, self.n_classes, weight)]
+        elapsed = self._elapsed(time.perf_counter(), start)
+        self.history["val_step"].append(self._step)
+        self.history["val_elapsed"].append(round(elapsed, 3))
+        self.history["val_dice"].append(dice)
+        self.history["val_iou"].append(iou)
+        score = float(np.mean(dice))
+        if score > self._best_score:
+            self._best_score = score
+            self._best_state = _state_copy(model)
+            self.history["best_step"] = self._step
+            self.history["best_val_dice"] = dice
+            self._stale_validations = 0
+        else:
+            self._stale_validations += 1
+            if self.config.schedule == "plateau" and self._stale_validations % self.config.plateau_patience == 0:
+                self._lr_scale *= self.config.plateau_factor
+        return TrainEvent("validation", self._step, elapsed, dice=dice, iou=iou,
+                          message=f"validation mean Dice {score:.4f}")
+
+    def _early_stop_due(self) -> bool:
+        patience = self.config.early_stopping_patience
+        return patience is not None and self._stale_validations >= patience
+
+    def _preview(self, start: float) -> TrainEvent:
+        model = self._evaluated
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                payload = self.preview_fn(model)
+        finally:
+            model.train(was_training)
+        return TrainEvent("preview", self._step, self._elapsed(time.perf_counter(), start), payload=payload)
+
+    def _restore_best(self) -> None:
+        if self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        self.model.eval()
+        if self.spatial_dims == 2:
+            self.model.to(memory_format=torch.contiguous_format)
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+class _WeightAverage:
+    """An exponential moving average of a model's weights (BatchNorm statistics copied).
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)), so short fine-tuning runs are not
+    dominated by the starting weights. With decay None, `model` is the trained model itself.
+    """
+
+    def __init__(self, model: nn.Module, decay: float | None):
+        self.decay = decay
+        self.updates = 0
+        self.model = model if decay is None else copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self.decay is None:
+            return
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged = [p for p in self.model.parameters()]
+        current = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1 - decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
+
+
+def _plain_config(config: TrainConfig) -> dict:
+    values = asdict(config)
+    if isinstance(values.get("patch_size"), tuple):
+        values["patch_size"] = list(values["patch_size"])
+    return values

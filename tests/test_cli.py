@@ -1,0 +1,239 @@
+"""The napari-unet command line: happy paths and one-line errors for every subcommand."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unet import cli
+from napari_unet.checkpoint import load_checkpoint
+
+TINY = ["--width", "4", "--depth", "2", "--patch-size", "32", "--batch-size", "2", "--quiet"]
+
+
+def make_data(folder, n=4, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n, size, size), np.uint8)
+    labels[:, 8:30, 10:25] = 255
+    images = (labels // 3 + rng.integers(0, 60, labels.shape)).astype(np.uint8)
+    tifffile.imwrite(folder / "images.tif", images)
+    tifffile.imwrite(folder / "labels.tif", labels)
+    return folder / "images.tif", folder / "labels.tif"
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("napari-unet: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint trained through the CLI once for the module."""
+    folder = tmp_path_factory.mktemp("cli")
+    images, labels = make_data(folder)
+    output = folder / "model.pt"
+    code = cli.main(["train", "--images", str(images), "--labels", str(labels), "--steps", "3",
+                     "--output", str(output), "--device", "cpu", *TINY])
+    assert code == 0
+    return folder, images, labels, output
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_writes_a_checkpoint_with_provenance(trained):
+    _, images, _, output = trained
+    ckpt = load_checkpoint(output)
+    assert ckpt.config["name"] == "unet" and ckpt.config["width"] == 4
+    assert ckpt.provenance["steps"] == 3
+    assert str(images.resolve()) in ckpt.provenance["data_paths"]
+    assert ckpt.history["loss"] and ckpt.history["val_dice"]  # default val fraction validates
+
+
+def test_train_fine_tunes_from_a_checkpoint(trained, tmp_path, capsys):
+    _, images, labels, output = trained
+    code, out, _ = run(capsys, "train", "--images", images, "--labels", labels, "--init", output, "--steps", "2",
+                       "--output", tmp_path / "tuned.pt", "--val-fraction", "0", *TINY, "--width", "8")
+    assert code == 0 and json.loads(out.splitlines()[-1])["steps"] == 2
+    assert load_checkpoint(tmp_path / "tuned.pt").config["width"] == 4  # the checkpoint's architecture
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (lambda a: a.update(images="missing.tif"), ("images not found", "missing.tif")),
+        (lambda a: a.update(labels="short.tif"), ("same size",)),
+        (lambda a: a.update(labels="odd.tif"), ("7",)),
+        (lambda a: a.update(output="no/such/folder/model.pt"), ("cannot write",)),
+        (lambda a: a.update(model="transformer9000"), ("unknown model", "transformer9000")),
+        (lambda a: a.update(device="tpu"), ("unknown device",)),
+        (lambda a: a.update(device="cuda:7"), ("cuda:7",)),
+        (lambda a: a.update(init="corrupt.pt"), ("corrupt.pt",)),
+        (lambda a: a.update(steps=None), ("budget",)),
+    ],
+)
+def test_train_errors_are_one_clear_line(tmp_path, capsys, monkeypatch, change, fragments):
+    images, labels = make_data(tmp_path)
+    tifffile.imwrite(tmp_path / "short.tif", np.zeros((4, 40, 39), np.uint8))
+    tifffile.imwrite(tmp_path / "odd.tif", np.array([0, 7, 200] * 2133 + [0], np.uint8).reshape(4, 40, 40))
+    (tmp_path / "corrupt.pt").write_bytes(b"this is not a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    options = {"images": images, "labels": labels, "output": tmp_path / "out.pt", "model": "unet",
+               "device": "cpu", "steps": 1, "init": None}
+    change(options)
+    argv = ["train"]
+    for key, value in options.items():
+        if value is not None:
+            argv += [f"--{key}", value]
+    code, _, err = run(capsys, *argv, *TINY)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_train_usage_errors_exit_2(capsys):
+    code, _, err = run(capsys, "train", "--images", "x.tif")
+    assert code == 2 and err.startswith("napari-unet: error:")
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+
+
+def test_predict_writes_labels_and_probabilities(trained, capsys):
+    folder, images, _, model = trained
+    code, _, err = run(capsys, "predict", "--model", model, "--images", images, "--output", folder / "pred.tif",
+                       "--probabilities", folder / "prob.tif", "--tile", "32", "--tta", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    labels = tifffile.imread(folder / "pred.tif")
+    probabilities = tifffile.imread(folder / "prob.tif")
+    assert labels.shape == (4, 40, 40) and set(np.unique(labels)) <= {0, 1}
+    assert probabilities.shape == (2, 4, 40, 40)
+    np.testing.assert_array_equal(labels, (probabilities[1] >= 0.5).astype(labels.dtype))
+
+
+def test_predict_streams_to_zarr(trained, capsys):
+    import zarr
+
+    folder, images, _, model = trained
+    code, _, err = run(capsys, "predict", "--model", model, "--images", images, "--output", folder / "pred.zarr",
+                       "--tile", "32", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    labels = np.asarray(zarr.open_array(str(folder / "pred.zarr"), mode="r")[...])
+    reference = tifffile.imread(folder / "pred.tif") if (folder / "pred.tif").exists() else None
+    assert labels.shape == (4, 40, 40)
+    if reference is not None:  # same model, same tiles: the same class map (TTA aside) in shape and range
+        assert set(np.unique(labels)) <= {0, 1}
+    assert not [p for p in folder.iterdir() if "probabilities-" in p.name]  # temporary store removed
+
+
+def test_predict_refuses_a_malicious_pickle_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    images, _ = make_data(tmp_path)
+    code, _, err = run(capsys, "predict", "--model", evil, "--images", images, "--output", tmp_path / "p.tif")
+    assert_one_line_error(code, err, "evil.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("what", ["missing_model", "corrupt_model", "missing_images", "bad_output", "bad_device"])
+def test_predict_errors_are_one_clear_line(trained, tmp_path, capsys, what):
+    _, images, _, model = trained
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(os.urandom(300))
+    options = {"model": model, "images": images, "output": tmp_path / "p.tif", "device": "cpu"}
+    options.update({
+        "missing_model": {"model": tmp_path / "nope.pt"},
+        "corrupt_model": {"model": corrupt},
+        "missing_images": {"images": tmp_path / "nope.tif"},
+        "bad_output": {"output": tmp_path / "missing" / "p.tif"},
+        "bad_device": {"device": "gpu0"},
+    }[what])
+    argv = ["predict", "--quiet"]
+    for key, value in options.items():
+        argv += [f"--{key}", value]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_prints_one_json_line(tmp_path, capsys):
+    _, labels = make_data(tmp_path)
+    truth = tifffile.imread(labels)
+    prediction = truth.copy()
+    prediction[:, 8, 10:25] = 0  # a few wrong pixels
+    tifffile.imwrite(tmp_path / "pred.tif", prediction)
+    code, out, _ = run(capsys, "evaluate", "--prediction", tmp_path / "pred.tif", "--labels", labels)
+    assert code == 0
+    (line,) = out.strip().splitlines()
+    result = json.loads(line)
+    for key in ("dice", "iou", "pixel_error", "adapted_rand_error", "dice_per_class"):
+        assert key in result
+    assert len(result["dice_per_class"]) == 2
+    assert 0 < result["pixel_error"] < 0.02
+    assert result["dice_per_class"][1] < 1.0
+
+
+def test_evaluate_errors(tmp_path, capsys):
+    _, labels = make_data(tmp_path)
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((4, 20, 20), np.uint8))
+    code, _, err = run(capsys, "evaluate", "--prediction", tmp_path / "small.tif", "--labels", labels)
+    assert_one_line_error(code, err, "40")
+    code, _, err = run(capsys, "evaluate", "--prediction", tmp_path / "none.tif", "--labels", labels)
+    assert_one_line_error(code, err, "none.tif")
+
+
+# ---------------------------------------------------------------------------------------------
+# demo and help
+
+
+def test_demo_calls_the_lazily_imported_demo(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("napari_unet._demo")
+    fake.main = lambda: calls.append(True)
+    monkeypatch.setitem(sys.modules, "napari_unet._demo", fake)
+    import napari_unet
+
+    monkeypatch.setattr(napari_unet, "_demo", fake, raising=False)
+    code, _, _ = run(capsys, "demo")
+    assert code == 0 and calls == [True]
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "demo"])
+def test_every_subcommand_has_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and out.startswith(f"usage: napari-unet {command}")
+
+
+def test_cli_module_does_not_import_napari():
+    import subprocess
+
+    code = "import sys, napari_unet.cli; sys.exit('napari' in sys.modules or 'qtpy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

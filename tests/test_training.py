@@ -1,0 +1,280 @@
+"""The training engine (napari_unet.training) on tiny synthetic data."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unet.checkpoint import load_checkpoint
+from napari_unet.data import DataError
+from napari_unet.models import build_model
+from napari_unet.training import TrainConfig, Trainer, TrainEvent, TrainingError, TrainingOutOfMemory
+
+
+def toy_stack(n=6, size=32, seed=0):
+    """Bright blobs (class 1) on a dark noisy background: learnable in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        for _ in range(3):
+            cy, cx = rng.integers(4, size - 4, 2)
+            labels[i][(yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(9, 30)] = 1
+    images = (labels * 120 + 60 + rng.normal(0, 15, labels.shape)).clip(0, 255).astype(np.uint8)
+    return images, labels
+
+
+def tiny_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    options = {"width": 4, "depth": 2, **kwargs}
+    return build_model("unet", **options)
+
+
+def config(**overrides):
+    base = dict(steps=5, patch_size=32, batch_size=2, device="cpu", val_fraction=0.0, warmup_steps=2)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def step_losses(events):
+    return [e.loss for e in events if e.kind == "step"]
+
+
+def test_loss_decreases_on_a_learnable_toy_set():
+    images, labels = toy_stack()
+    trainer = Trainer(tiny_model(width=8), images, labels,
+                      config=config(steps=25, learning_rate=1e-2, augment=False, batch_size=4))
+    losses = step_losses(list(trainer.run()))
+    assert len(losses) == 25
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8])
+
+
+def test_events_history_and_finished_message():
+    images, labels = toy_stack()
+    received = []
+    trainer = Trainer(tiny_model(), images, labels, config=config(steps=4, val_fraction=0.34, val_every=2),
+                      callbacks=[received.append])
+    history = trainer.fit()
+    kinds = [e.kind for e in received]
+    assert kinds.count("step") == 4 and kinds.count("validation") == 2 and kinds[-1] == "finished"
+    step = next(e for e in received if e.kind == "step")
+    assert step.loss > 0 and step.lr > 0 and step.samples_per_second > 0 and step.elapsed >= 0
+    validation = next(e for e in received if e.kind == "validation")
+    assert len(validation.dice) == 2 and len(validation.iou) == 2
+    assert "4 steps" in received[-1].message
+    assert history["step"] == [1, 2, 3, 4] and len(history["val_dice"]) == 2
+    assert len(trainer.val_samples) == 2 and len(trainer.train_samples) == 4
+
+
+def test_seeded_runs_repeat_exactly_on_cpu():
+    images, labels = toy_stack()
+    runs = [step_losses(Trainer(tiny_model(seed=1), images, labels, config=config(steps=4, seed=3)).run())
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = step_losses(Trainer(tiny_model(seed=1), images, labels, config=config(steps=4, seed=4)).run())
+    assert other != runs[0]
+
+
+def test_stop_ends_the_run_before_the_next_step():
+    images, labels = toy_stack()
+    trainer = Trainer(tiny_model(), images, labels, config=config(steps=1000))
+
+    def stop_at_three(event: TrainEvent) -> None:
+        if event.kind == "step" and event.step == 3:
+            trainer.stop()
+
+    trainer.callbacks.append(stop_at_three)
+    events = list(trainer.run())
+    assert [e.step for e in events if e.kind == "step"] == [1, 2, 3]
+    assert events[-1].kind == "finished" and "stopped by user" in events[-1].message
+
+
+def test_stop_from_another_thread():
+    images, labels = toy_stack()
+    trainer = Trainer(tiny_model(), images, labels, config=config(steps=100000))
+    first_step = threading.Event()
+    steps_after_stop = []
+
+    def consume():
+        for event in trainer.run():
+            if event.kind == "step":
+                first_step.set()
+                if trainer.stop_requested:
+                    steps_after_stop.append(event.step)
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    assert first_step.wait(60)
+    trainer.stop()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert len(steps_after_stop) <= 1  # at most the step that was running when stop() came
+
+
+def test_ignored_pixels_have_no_influence():
+    """Changing labels where the weight is 0 leaves every loss and weight exactly the same."""
+    images, labels = toy_stack(n=4)
+    weights = np.ones(labels.shape, np.float32)
+    weights[:, :, :12] = 0
+    scrambled = labels.copy()
+    scrambled[:, :, :12] = 1 - scrambled[:, :, :12]
+    for loss in ("dice_bce", "border_weighted"):
+        results = []
+        for target in (labels, scrambled):
+            model = tiny_model(seed=2)
+            trainer = Trainer(model, images, target, weights, config=config(steps=3, loss=loss))
+            results.append((step_losses(trainer.run()), [p.detach().clone() for p in model.parameters()]))
+        assert results[0][0] == results[1][0]
+        for a, b in zip(results[0][1], results[1][1]):
+            assert torch.equal(a, b)
+
+
+def test_fully_ignored_patches_give_zero_gradients():
+    images, labels = toy_stack(n=2)
+    weights = np.zeros(labels.shape, np.float32)
+    weights[0, :4, :4] = 1  # a few labelled pixels, patches mostly ignored
+    model = tiny_model()
+    trainer = Trainer(model, images, labels, weights, config=config(steps=2, label_focus=0.0))
+    assert all(np.isfinite(step_losses(trainer.run())))
+
+
+def test_best_weights_are_kept_and_saved_checkpoint_predicts_identically(tmp_path):
+    images, labels = toy_stack()
+    trainer = Trainer(tiny_model(), images, labels, config=config(steps=6, val_fraction=0.34, val_every=2))
+    trainer.fit()
+    best = trainer.history["best_step"]
+    assert best in (2, 4, 6)
+    path = trainer.save(tmp_path / "model.pt", provenance={"data_paths": ["toy"]})
+    ckpt = load_checkpoint(path)
+    assert ckpt.normalization["method"] == "percentile"
+    assert ckpt.provenance["steps"] == 6 and ckpt.provenance["data_paths"] == ["toy"]
+    assert ckpt.history["best_step"] == best
+    x = torch.randn(2, 1, 32, 32)
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(trainer.model(x), ckpt.model(x))
+
+
+def test_resume_continues_from_a_checkpoint(tmp_path):
+    images, labels = toy_stack()
+    first = Trainer(tiny_model(), images, labels, config=config(steps=3))
+    first.fit()
+    path = first.save(tmp_path / "first.pt")
+    second = Trainer(tiny_model(seed=9), images, labels, config=config(steps=2), resume_from=path)
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert second.optimizer.state  # Adam moments came back
+    events = list(second.run())
+    assert [e.step for e in events if e.kind == "step"] == [4, 5]
+    assert second.history["step"] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    images, labels = toy_stack()
+    first = Trainer(tiny_model(), images, labels, config=config(steps=1))
+    first.fit()
+    path = first.save(tmp_path / "first.pt")
+    with pytest.raises(TrainingError, match="architecture"):
+        Trainer(tiny_model(width=8), images, labels, config=config(), resume_from=path)
+
+
+def test_time_budget_and_early_stopping():
+    images, labels = toy_stack()
+    events = list(Trainer(tiny_model(), images, labels, config=config(steps=None, time_budget=0.5)).run())
+    assert "time budget" in events[-1].message
+    trainer = Trainer(tiny_model(), images, labels,
+                      config=config(steps=50, learning_rate=1e-12, val_fraction=0.34, val_every=1,
+                                    early_stopping_patience=2, warmup_steps=0))
+    events = list(trainer.run())
+    assert "early stop" in events[-1].message
+    assert trainer.step == 3  # first validation sets the best; two more without improvement
+
+
+def test_preview_events_carry_the_callbacks_result():
+    images, labels = toy_stack()
+    calls = []
+
+    def preview(model):
+        calls.append(model.training)
+        return "preview!"
+
+    trainer = Trainer(tiny_model(), images, labels, config=config(steps=3), preview_fn=preview, preview_interval=0.0)
+    previews = [e for e in trainer.run() if e.kind == "preview"]
+    assert len(previews) == 3 and previews[0].payload == "preview!"
+    assert calls == [False, False, False]  # called in eval mode
+
+
+def test_3d_model_trains_with_region_validation():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 20, 20)) > 0.6).astype(np.uint8)
+    images = (labels * 100 + rng.normal(0, 10, labels.shape)).astype(np.float32)
+    torch.manual_seed(0)
+    model = build_model("unet3d", width=4, depth=1)
+    trainer = Trainer(model, images, labels, config=config(steps=2, patch_size=(8, 16, 16), val_fraction=0.25, val_every=1))
+    events = list(trainer.run())
+    assert sum(e.kind == "validation" for e in events) == 2
+    assert trainer.val_samples[0].spatial_shape[0] + trainer.train_samples[0].spatial_shape[0] == 40
+
+
+def test_out_of_memory_becomes_a_plain_error():
+    images, labels = toy_stack()
+    model = tiny_model()
+
+    def explode(*_args, **_kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model.forward = explode
+    trainer = Trainer(model, images, labels, config=config())
+    with pytest.raises(TrainingOutOfMemory, match="smaller batch"):
+        trainer.fit()
+
+
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        ({"batch_size": 0}, TrainingError),
+        ({"schedule": "sometimes"}, TrainingError),
+        ({"loss": "nonsense"}, TrainingError),
+        ({"patch_size": (16, 16, 16)}, TrainingError),
+        ({"val_fraction": 1.5}, TrainingError),
+    ],
+)
+def test_bad_settings_raise_plain_errors(overrides, error):
+    images, labels = toy_stack()
+    with pytest.raises(error):
+        Trainer(tiny_model(), images, labels, config=config(**overrides))
+
+
+def test_labels_outside_the_models_classes_are_refused():
+    images, labels = toy_stack()
+    with pytest.raises(DataError, match="class"):
+        Trainer(tiny_model(), images, labels * 3, config=config())
+
+
+def test_multiclass_model_and_explicit_validation_data():
+    images, labels = toy_stack(n=4)
+    labels = labels.astype(np.int64)
+    labels[:, :, :8] = 2
+    model = tiny_model(out_channels=3)
+    trainer = Trainer(model, images[:3], labels[:3], val_images=images[3:], val_labels=labels[3:],
+                      config=config(steps=2, val_every=1, loss="ce_dice"))
+    validations = [e for e in trainer.run() if e.kind == "validation"]
+    assert len(validations) == 2 and len(validations[0].dice) == 3
+
+
+def test_large_validation_samples_go_through_tiled_inference(monkeypatch):
+    from napari_unet import training
+
+    images, labels = toy_stack()
+    whole = [e.dice for e in Trainer(tiny_model(), images, labels, config=config(steps=1, val_fraction=0.34,
+                                                                                  val_every=1)).run()
+             if e.kind == "validation"]
+    monkeypatch.setattr(training, "_WHOLE_SAMPLE_PIXELS", {2: 100, 3: 100})
+    tiled = [e.dice for e in Trainer(tiny_model(), images, labels, config=config(steps=1, val_fraction=0.34,
+                                                                                  val_every=1)).run()
+             if e.kind == "validation"]
+    assert len(tiled) == 1 and len(tiled[0]) == 2
+    np.testing.assert_allclose(tiled[0], whole[0], atol=0.05)
