@@ -53,11 +53,21 @@ def launch(block: bool = True) -> napari.Viewer:
         QTimer.singleShot(0, segment_dock.raise_)
     if segment is not None and hasattr(segment, "select_layer"):
         segment.select_layer("EM membranes")
+        _load_sample_model(segment)
     if block:
         napari.run()
     else:
         OPEN_VIEWERS.append(viewer)
     return viewer
+
+
+def _load_sample_model(segment: Any) -> None:
+    """Load the small UNet trained on the EM sample, so the first Run gives a real segmentation."""
+    from napari_unet._sample_data import SAMPLE_MODEL
+
+    if SAMPLE_MODEL.is_file():  # absent from an installed wheel: the widget offers a fresh model
+        segment.set_model_source("checkpoint")
+        segment.load_checkpoint(SAMPLE_MODEL)
 
 
 def _load_em_sample(viewer: napari.Viewer) -> None:

@@ -30,6 +30,8 @@ ORGANELLES_SCALE = (20.0, 10.0, 10.0)  # nm per voxel (z, y, x)
 
 EM_FILES = ("em_membranes_image.tif", "em_membranes_labels.tif")
 ORGANELLES_FILES = ("organelles_3d_image.tif", "organelles_3d_labels.tif")
+# a small UNet trained on the EM sample by scripts/make_sample_model.py; the demo loads it
+SAMPLE_MODEL = SAMPLE_DIR / "em_membranes_unet.pt"
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 

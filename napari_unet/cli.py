@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -11,7 +11,7 @@ a float weight map (*spatial), 0 = ignore. The weight map travels with every pat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

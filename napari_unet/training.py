@@ -291,8 +291,13 @@ class Trainer:
             # a stop() asked for during this run is used up; a later run() trains again
             self._stop_event.clear()
 
-    def save(self, path, provenance: dict | None = None) -> Path:
-        """Save the model (best weights), history, normalisation spec and resume state."""
+    def save(
+        self, path, provenance: dict | None = None, class_names: Sequence[str] | None = None
+    ) -> Path:
+        """Save the model (best weights), history, normalisation spec and resume state.
+
+        ``class_names`` (e.g. ["membrane", "cell interior"]) default to the model's own, if any.
+        """
         from .checkpoint import save_checkpoint
 
         info = {
@@ -317,6 +322,7 @@ class Trainer:
         return save_checkpoint(
             path, self.model, normalization=self.normalization, history=self.history,
             provenance=info, extra=extra,
+            class_names=class_names or getattr(self.model, "class_names", None),
         )
 
     # ------------------------------------------------------------------------------------------

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import torch
 
-from napari_unet._sample_data import SAMPLE_DIR, load_sample
+from napari_unet._sample_data import SAMPLE_MODEL, load_sample
 from napari_unet.models import build_model
 from napari_unet.training import TrainConfig, Trainer
-
-SAMPLE_MODEL = SAMPLE_DIR / "em_membranes_unet.pt"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    image, labels = load_sample("em")
+    image, labels = load_sample("em_membranes")
     model = build_model("unet", in_channels=1, out_channels=2, width=8, depth=3)
     # slices 0-5 train, 6-7 validate (the last slices of the stack)
     config = TrainConfig(steps=args.steps, patch_size=128, batch_size=4, seed=0, device="cpu")
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     path = trainer.save(args.out, provenance={
         "data_paths": ["napari-unet sample: EM membranes (generated, seed 0)"],
         "script": "scripts/make_sample_model.py",
-    })
+    }, class_names=["membrane", "cell interior"])
     best = max((sum(d) / len(d) for d in history.get("val_dice", []) if d), default=float("nan"))
     print(f"{path}  {path.stat().st_size / 1e3:.0f} kB, {args.steps} steps in "
           f"{time.monotonic() - started:.0f} s, best validation mean Dice {best:.3f}")

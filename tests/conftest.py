@@ -10,6 +10,18 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The suite's models are tiny: one intra-op thread is fastest, and on a busy machine OpenMP
+    threads spinning against other processes made forward passes 10-20x slower (measured)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The folder of real public data sets (../shared/data); skips the test where it is absent."""

@@ -30,13 +30,6 @@ def _tiny_model(name: str = "unet", out_channels: int = 2) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning costs seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

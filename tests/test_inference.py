@@ -24,14 +24,6 @@ from napari_unet.models import build_model
 # ------------------------------------------------------------------------------------- toy models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Width-4 models gain nothing from threads, and on a shared CPU the threads' barriers cost
-    10-20x (measured: 3 s vs 65 s to train both toys); the thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 

@@ -157,6 +157,10 @@ def start_worker(
         job = Job()
     job._worker = worker
     worker.job = job  # so tests and widgets can reach the cancel flag
+    on_yield, on_return, on_error, on_finished, on_cancelled = (
+        _unless_widget_deleted(callback)
+        for callback in (on_yield, on_return, on_error, on_finished, on_cancelled)
+    )
 
     def handle_yield(value: Any) -> None:
         if isinstance(value, Progress):
@@ -195,6 +199,25 @@ def start_worker(
         worker.finished.connect(on_finished)
     _start_on_own_pool(worker)
     return worker
+
+
+def _unless_widget_deleted(callback: Callable | None) -> Callable | None:
+    """Run ``callback``, ignoring that its widget was closed while the job ran.
+
+    A job may finish after the user closed the dock or the viewer; Qt has then deleted the widgets
+    the callback would update, and there is nothing left to update.
+    """
+    if callback is None:
+        return None
+
+    def guarded(*args: Any) -> None:
+        try:
+            callback(*args)
+        except RuntimeError as error:
+            if "has been deleted" not in str(error):
+                raise
+
+    return guarded
 
 
 # Workers run on napari-unet's own thread pool, never on Qt's global one: Qt converts and scales

@@ -17,15 +17,6 @@ from napari_unet.corrections import FinetuneSettings
 SHAPE = (3, 64, 64)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train fastest on one thread; on a busy shared CPU two threads can be 50x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

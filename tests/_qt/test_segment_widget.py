@@ -25,15 +25,6 @@ HEARTBEAT_LIMIT_MS = float(os.environ.get("NAPARI_UNET_HEARTBEAT_LIMIT_MS", "50"
 CANCEL_LIMIT_S = float(os.environ.get("NAPARI_UNET_CANCEL_LIMIT_S", "2.0"))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CI box OpenMP threads spinning against
-    other processes made a batch 20x slower (490 ms instead of 22 ms per forward pass), which
-    would measure the machine, not the widget."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
