@@ -5,8 +5,8 @@
 Uses the CLI's defaults (the same model and TrainConfig as `napari-unet train`), treating the
 volume as a stack of 2D slices (2D UNet; 3D convolutions cost too much on a 2-core CPU for a
 15-minute budget). Validates on slices 72-95 during training for the Dice-vs-time curve and
-scores the final model with and without flip TTA. Writes benchmarks/results/lucchi.json and
-lucchi_curve.png and prints a summary line.
+scores the final model with and without flip TTA. Writes benchmarks/results/mitochondria.json and
+mitochondria_curve.png and prints a summary line.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time-budget", type=float, default=900.0, help="training seconds (default 900)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "lucchi_pp")
-    parser.add_argument("--name", default="lucchi")
+    parser.add_argument("--name", default="mitochondria", help="result file stem (default mitochondria)")
     parser.add_argument("--model", default=cli.DEFAULT_MODEL)
     parser.add_argument("--width", type=int, default=cli.DEFAULT_WIDTH)
     parser.add_argument("--depth", type=int, default=cli.DEFAULT_DEPTH)
