@@ -34,6 +34,13 @@ VAL_SLICES = slice(20, 24)
 MEMBRANE, CELL = 0, 1
 
 
+def machine_info() -> dict:
+    """What the figures depend on: cores, threads, torch, platform and the load when the run ended."""
+    return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "platform": platform.platform(),
+            "load_average_at_end": os.getloadavg()}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = cli.default_train_config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,9 +148,7 @@ def main(argv=None) -> int:
         "benchmark": "ISBI 2012: train slices 0-19, validate on 20-23",
         "command": "python benchmarks/train_isbi.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": settings,
-        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": machine_info(),
         "steps": trainer.step,
         "steps_per_second": round(steps_per_second, 3),
         "time_to_membrane_dice_0.80_s": first_time_reaching(history, MEMBRANE, 0.80),

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from napari_unet import cli, io  # noqa: E402
-from train_isbi import score  # noqa: E402
+from train_isbi import machine_info, score  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TRAIN_SLICES = slice(0, 72)
@@ -100,9 +99,7 @@ def main(argv=None) -> int:
         "benchmark": "Lucchi++ (training crop): 2D model on z 0-71, validate on z 72-95",
         "command": "python benchmarks/train_lucchi.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {"model": args.model, "width": args.width, "depth": args.depth, **dataclasses.asdict(config)},
-        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": machine_info(),
         "steps": trainer.step,
         "steps_per_second": round(steps_per_second, 3),
         "best_step": history["best_step"],
