@@ -98,7 +98,7 @@ def finetune(args, start_model, image, user_labels, state) -> tuple[torch.nn.Mod
     overrides = {"device": args.device, "seed": args.seed}
     overrides.update({"time_budget": None, "steps": args.steps} if args.steps else {"time_budget": args.seconds})
     # ablations only: the default run leaves every other setting at the widget's default
-    for name in ("learning_rate", "margin", "balance_classes"):
+    for name in ("learning_rate", "margin", "balance_classes", "anchor_weight"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     settings = FinetuneSettings(**overrides)
@@ -162,6 +162,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=None, help="ablation: fine-tune learning rate")
     parser.add_argument("--margin", type=int, default=None, help="ablation: stroke margin in pixels")
+    parser.add_argument("--anchor-weight", type=float, default=None, help="ablation: weight of the start model's own labels")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference run (ablations)")
     parser.add_argument("--balance-classes", action="store_true", default=None, help="ablation: balanced class weights")
     parser.add_argument(
         "--threads", type=int, default=0,
@@ -219,6 +221,10 @@ def main(argv=None) -> dict:
         report["runs"]["sparse_strokes"] = {**info, **test_dice(model, image, truth, device)}
         print("  ", {k: v for k, v in report["runs"]["sparse_strokes"].items() if k != "settings"}, flush=True)
 
+    if args.no_reference:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return report
     print(f"reference: 2 x {unit} from scratch on slices 0-19", flush=True)
     reference, ref_info = train_from_scratch(args, image[REFERENCE_SLICES], truth[REFERENCE_SLICES], 2)
     report["reference"] = {**ref_info, **test_dice(reference, image, truth, device)}

@@ -523,6 +523,9 @@ class FinetuneSettings:
     val_every: int | None = None
     margin: int = 1  # grow strokes by this many pixels (napari records only pixels that changed)
     balance_classes: bool = False  # weigh every class alike (hurt on ISBI: benchmarks/results/hitl_balanced.json)
+    # unconfirmed pixels of the corrected slices learn the start model's own prediction with this
+    # weight (0 = ignored): sparse strokes then fix mistakes without unlearning the rest
+    anchor_weight: float = 0.5
     device: str = "auto"
     seed: int = 0
 
@@ -538,6 +541,7 @@ class FinetuneSettings:
             "seed": self.seed,
             "time_budget": self.time_budget,
             "steps": self.steps,
+            "anchor_weight": self.anchor_weight,
         }
         if self.time_budget is None and self.steps is None:
             raise CorrectionsError("Give a time budget or a number of steps.")
@@ -729,6 +733,32 @@ def build_finetune_trainer(
         preview_interval=preview_interval,
         resume_from=resume_from,
     )
+
+
+def one_class_warning(
+    labels: np.ndarray, state: CorrectionState, class_names: Sequence[str], *, margin: int = 0,
+    anchor_weight: float = 0.0, share: float = 0.95,
+) -> str | None:
+    """A plain warning when nearly all confirmed pixels are one class (None otherwise).
+
+    Users paint where the model was wrong, often one class only (e.g. membrane it missed); trained
+    on those alone, a model learns "that class everywhere".
+    """
+    confirmed = state.confirmed_mask(margin)
+    values = np.asarray(labels)[confirmed]
+    if values.size == 0 or len(class_names) < 2 or state.reviewed_slices or state.reviewed_regions:
+        return None
+    counts = np.bincount(np.clip(values, 0, len(class_names) - 1).astype(np.int64), minlength=len(class_names))
+    top = int(np.argmax(counts))
+    if counts[top] < share * values.size:
+        return None
+    text = (
+        f"{100 * counts[top] / values.size:.0f}% of your corrections are '{class_names[top]}'. "
+        "Mark a slice you checked as reviewed (Shift-R) so that the other classes are learnt too"
+    )
+    if anchor_weight > 0:
+        return text + "; meanwhile the rest of the stroked slices keeps the model's own prediction."
+    return text + ", or raise 'Keep what it knew' above 0: alone, these strokes teach that class everywhere."
 
 
 def finetune_provenance(

@@ -251,7 +251,9 @@ class PatchSampler:
     """Draws random (augmented) training patches from samples kept on the training device.
 
     Crops favour labelled regions: a patch is centred on a random labelled pixel with probability
-    `label_focus`, otherwise anywhere. Samples are drawn in proportion to their labelled pixels.
+    `label_focus`, otherwise anywhere (``focus``: boolean masks of the pixels to centre on instead,
+    e.g. the user's corrections when the other pixels carry low-weight labels). Samples are drawn
+    in proportion to those pixels.
     All randomness comes from `generator` (a CPU torch.Generator), so seeded runs repeat exactly.
     """
 
@@ -264,6 +266,7 @@ class PatchSampler:
         augment: AugmentConfig | None = None,
         label_focus: float = 0.8,
         extra_weights: Sequence[np.ndarray] | None = None,
+        focus: Sequence[np.ndarray] | None = None,
     ):
         if not samples:
             raise DataError("There are no training samples.")
@@ -288,7 +291,8 @@ class PatchSampler:
             self._labels.append(_pad_sample(labels, pad, mode)[0].to(self.device))
             self._weights.append(_pad_sample(weight, pad, mode)[0].to(self.device))
             # flat indices (in the unpadded sample) of labelled pixels, to centre patches on
-            labelled = torch.from_numpy(np.flatnonzero(sample.weights > 0))
+            wanted = sample.weights > 0 if focus is None else focus[i]
+            labelled = torch.from_numpy(np.flatnonzero(wanted))
             self._labelled_index.append(labelled)
             counts.append(len(labelled))
         self._shapes = [s.spatial_shape for s in samples]

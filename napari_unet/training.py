@@ -76,6 +76,11 @@ class TrainConfig:
     border_weights: multiply the pixel weights by the UNet paper's border weight map (class
         balance plus w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) between touching cells) for any loss;
         always on for the "border_weighted" loss.
+    anchor_weight: the unlabelled pixels (weight 0) of the training images learn the starting
+        model's own prediction with this weight. For fine-tuning on a few corrections: the
+        corrected pixels teach what was wrong, the rest keeps what the model already got right
+        (self-distillation); without it, strokes that are nearly all one class teach "that
+        class everywhere". 0 = unlabelled pixels are ignored.
     """
 
     patch_size: int | tuple[int, ...] | None = None
@@ -105,6 +110,7 @@ class TrainConfig:
     border_weights: bool = False
     border_w0: float = 10.0
     border_sigma: float = 5.0
+    anchor_weight: float = 0.0
 
     def check(self) -> None:
         """Raise TrainingError (one plain sentence) for settings that cannot work."""
@@ -126,6 +132,8 @@ class TrainConfig:
             raise TrainingError(f"val_every must be at least 1 step, not {self.val_every}.")
         if self.warmup_steps < 0:
             raise TrainingError(f"The warm-up must not be negative, not {self.warmup_steps}.")
+        if not 0 <= self.anchor_weight <= 1:
+            raise TrainingError(f"The anchor weight must be in [0, 1], not {self.anchor_weight}.")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise TrainingError(f"The EMA decay must be in [0, 1), not {self.ema_decay}.")
         if self.loss.strip().lower().replace("-", "_") not in losses.available_losses():
@@ -376,6 +384,35 @@ class Trainer:
             )
         return maps
 
+    @torch.no_grad()
+    def _anchored_samples(self) -> list[Sample]:
+        """The training samples, their unlabelled pixels labelled by the model as it is now.
+
+        Only with ``anchor_weight`` > 0; patches are still centred on the labelled pixels.
+        """
+        weight = float(self.config.anchor_weight)
+        if weight <= 0 or all(s.labelled_pixels == s.weights.size for s in self.train_samples):
+            return self.train_samples
+        model, evaluated = self.model, self._evaluated
+        was_training = model.training
+        self._evaluated = model
+        model.eval()
+        anchored = []
+        try:
+            for sample in self.train_samples:
+                unlabelled = sample.weights <= 0
+                if not unlabelled.any():
+                    anchored.append(sample)
+                    continue
+                own = _to_classes(self._predict_sample_logits(sample)[None])[0].cpu().numpy()
+                labels = np.where(unlabelled, own.astype(sample.labels.dtype), sample.labels)
+                weights = np.where(unlabelled, np.float32(weight), sample.weights).astype(np.float32)
+                anchored.append(Sample(sample.image, labels, weights))
+        finally:
+            model.train(was_training)
+            self._evaluated = evaluated
+        return anchored
+
     def _autocast(self):
         """(autocast context factory, GradScaler or None) for the chosen precision."""
         precision = {"auto": "auto", "bf16": "bf16", "fp16": "fp16", "off": "fp32"}[self.config.amp]
@@ -397,8 +434,9 @@ class Trainer:
         self._run_start = start
         augment = AugmentConfig() if config.augment else None
         sampler = PatchSampler(
-            self.train_samples, self.patch_size, device=self.device, augment=augment,
+            self._anchored_samples(), self.patch_size, device=self.device, augment=augment,
             label_focus=config.label_focus, extra_weights=self._loss_weights(),
+            focus=[sample.weights > 0 for sample in self.train_samples],
         )
         loss_fn = losses.get_loss(config.loss, **config.loss_options)
         autocast, scaler = self._autocast()

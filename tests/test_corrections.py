@@ -307,3 +307,19 @@ def test_balanced_weights_give_each_class_the_same_total_weight():
     assert np.isclose(w.mean(), 1.0)
     _, _, plain = training_arrays(image, labels, state, spatial_dims=2)
     assert all(np.array_equal(p, np.ones_like(p)) for p in plain)
+
+
+def test_one_class_warning_when_strokes_are_nearly_all_one_class():
+    labels = np.ones((2, 20, 20), np.uint8)
+    labels[:, :, :2] = 0
+    state = CorrectionState(labels.shape)
+    state.record_paint((np.zeros(30, int), np.arange(30) % 20, np.zeros(30, int)))  # column 0: class 0
+    names = ["membrane", "cell"]
+    warning = corrections.one_class_warning(labels, state, names)
+    assert warning.startswith("100% of your corrections are 'membrane'") and "Keep what it knew" in warning
+    assert "keeps the model's own prediction" in corrections.one_class_warning(labels, state, names, anchor_weight=0.1)
+    state.record_paint((np.ones(30, int), np.arange(30) % 20, np.full(30, 10)))  # class 1 as well
+    assert corrections.one_class_warning(labels, state, names) is None
+    reviewed = CorrectionState(labels.shape)
+    reviewed.mark_reviewed(0)
+    assert corrections.one_class_warning(labels, reviewed, names) is None  # a reviewed slice has every class

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -278,3 +279,59 @@ def test_large_validation_samples_go_through_tiled_inference(monkeypatch):
              if e.kind == "validation"]
     assert len(tiled) == 1 and len(tiled[0]) == 2
     np.testing.assert_allclose(tiled[0], whole[0], atol=0.05)
+
+
+# ---------------------------------------------------------------------------------- anchoring
+
+
+def _predict_classes(model, images):
+    from napari_unet.inference import predict, probabilities_to_labels
+
+    return probabilities_to_labels(predict(model, images, device="cpu"))
+
+
+def test_anchor_labels_unlabelled_pixels_with_the_models_own_prediction_and_keeps_the_focus(monkeypatch):
+    images, labels = toy_stack(n=2)
+    weights = np.zeros(labels.shape, np.float32)
+    weights[:, 10:14, 10:14] = 1
+    seen = {}
+    import napari_unet.training as training_module
+
+    real_sampler = training_module.PatchSampler
+
+    def spy(samples, *args, **kwargs):
+        seen["samples"], seen["focus"] = samples, kwargs.get("focus")
+        return real_sampler(samples, *args, **kwargs)
+
+    monkeypatch.setattr(training_module, "PatchSampler", spy)
+    model = tiny_model(width=8)
+    trainer = Trainer(model, images, labels, weights, config=config(steps=1, anchor_weight=0.25))
+    own = [trainer._predict_sample_logits(s).argmax(0).numpy() for s in trainer.train_samples]
+    trainer.fit()
+    for sample, anchored, mine, focus in zip(trainer.train_samples, seen["samples"], own, seen["focus"]):
+        unlabelled = sample.weights == 0
+        assert np.array_equal(anchored.labels[unlabelled], mine[unlabelled])  # the model's own classes
+        assert np.array_equal(anchored.labels[~unlabelled], sample.labels[~unlabelled])  # the user's
+        assert np.all(anchored.weights[unlabelled] == np.float32(0.25)) and np.all(anchored.weights[~unlabelled] == 1)
+        assert np.array_equal(focus, ~unlabelled)  # patches still centre on the corrections
+
+
+def test_anchor_keeps_a_trained_model_from_learning_one_class_everywhere():
+    """Strokes that are all foreground: ignored elsewhere they teach 'foreground everywhere'."""
+    images, labels = toy_stack(n=6, seed=1)
+    start = tiny_model(width=8)
+    Trainer(start, images, labels, config=config(steps=60, learning_rate=1e-2, batch_size=4)).fit()
+    before = _predict_classes(start, images)
+    strokes = np.zeros(labels.shape, np.float32)
+    strokes[labels == 1] = 1  # every stroke is class 1
+    results = {}
+    for anchor in (0.0, 0.3):
+        model = copy.deepcopy(start)
+        Trainer(model, images, labels, strokes,
+                config=config(steps=100, learning_rate=3e-2, batch_size=4, anchor_weight=anchor, ema_decay=None,
+                              warmup_steps=0, schedule="constant")).fit()
+        background = labels == 0
+        results[anchor] = float((_predict_classes(model, images)[background] == 1).mean())
+    start_error = float((before[labels == 0] == 1).mean())
+    assert results[0.0] > 0.5  # unanchored: most background turned foreground
+    assert results[0.3] < start_error + 0.05  # anchored: background stays background

@@ -57,6 +57,7 @@ from napari_unet.corrections import (
     finetune_provenance,
     image_fingerprint,
     load_corrections,
+    one_class_warning,
     save_corrections,
 )
 from napari_unet._qt.plots import TrainingPlots
@@ -566,6 +567,12 @@ class FinetuneWidget(QWidget):
             "Give every class the same total weight: corrections are often mostly one class.",
         )
         self.balance_check.setChecked(defaults.balance_classes)
+        self.anchor_spin = _tip(
+            QDoubleSpinBox(decimals=2, minimum=0.0, maximum=1.0, singleStep=0.05, value=defaults.anchor_weight),
+            "Weight of the starting model's own prediction on the pixels you did not confirm in a corrected "
+            "slice: your strokes fix its mistakes while it keeps what it got right (0: those pixels are ignored). "
+            "Not used for a fresh model.",
+        )
         self.val_spin = _tip(
             QDoubleSpinBox(decimals=2, minimum=0.0, maximum=0.5, singleStep=0.05, value=defaults.val_fraction),
             "Share of the confirmed data held out to measure Dice (0: no validation).",
@@ -585,6 +592,7 @@ class FinetuneWidget(QWidget):
         sform.addRow("Patch size", self.patch_spin)
         sform.addRow("Batch size", self.batch_spin)
         sform.addRow("Loss", self.loss_combo)
+        sform.addRow("Keep what it knew", self.anchor_spin)
         sform.addRow("Validation share", self.val_spin)
         sform.addRow("Validate every", self.val_every_spin)
         sform.addRow("Preview every", self.preview_spin)
@@ -695,6 +703,7 @@ class FinetuneWidget(QWidget):
             val_every=int(self.val_every_spin.value()) or None,
             margin=int(self.margin_spin.value()),
             balance_classes=self.balance_check.isChecked(),
+            anchor_weight=float(self.anchor_spin.value()),
             device=str(self.device_combo.currentData()),
         )
 
@@ -712,6 +721,7 @@ class FinetuneWidget(QWidget):
         self.val_every_spin.setValue(int(settings.val_every or 0))
         self.margin_spin.setValue(settings.margin)
         self.balance_check.setChecked(settings.balance_classes)
+        self.anchor_spin.setValue(settings.anchor_weight)
         index = self.device_combo.findData(settings.device)
         if index >= 0:
             self.device_combo.setCurrentIndex(index)
@@ -1143,6 +1153,10 @@ class FinetuneWidget(QWidget):
         folder = self.autosave_path().parent if self._target is not None else default_autosave_folder()
         return folder / f"{image.name.replace(' ', '_')}-finetuned-{stamp}.pt"
 
+    def _starts_untrained(self) -> bool:
+        choice = self.start_from.currentIndex()
+        return choice == 2 or (choice == 0 and not self.holder.trained)
+
     def _prepare_run(self, model, start_model: str, *, resume: bool) -> TrainingRun:
         """Check the inputs and snapshot them for the job; CorrectionsError says what is missing."""
         image, labels, state = self.image_layer, self.labels_layer, self.state
@@ -1164,6 +1178,8 @@ class FinetuneWidget(QWidget):
             )
         self.flush_autosave()
         settings = self.settings()
+        if not resume and self._starts_untrained():
+            settings = replace(settings, anchor_weight=0.0)  # an untrained model's guesses teach nothing
         if settings.time_budget is None and settings.steps is None:
             raise CorrectionsError("Set a time budget or a step limit.")
         previous = self.run
@@ -1213,6 +1229,12 @@ class FinetuneWidget(QWidget):
             self.plots.clear()
         self.plots.set_class_names(list(getattr(run.model, "class_names", []) or []) or self._class_names(run.model))
         self.run = run
+        warning = one_class_warning(
+            run.labels, run.state, self.plots.class_names or self._class_names(run.model),
+            margin=run.settings.margin, anchor_weight=run.settings.anchor_weight,
+        )
+        if warning:
+            show_warning(warning)
         self._ensure_preview_layer(run)
         self.show_plots()
         self.status_label.setText("Preparing the training data…")
@@ -1224,6 +1246,7 @@ class FinetuneWidget(QWidget):
             on_finished=self._on_training_finished,
             description="Fine-tuning",
             device=run.settings.device,
+            activity_bar=False,  # the dock shows the progress: status line and live plots
         )
         self._update_buttons()
 

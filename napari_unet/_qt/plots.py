@@ -1,28 +1,37 @@
 """Live training plots for the dock: loss per step (raw and smoothed) and validation Dice per class.
 
-Training events arrive many times a second; redrawing matplotlib on each would stall the viewer.
-So :meth:`TrainingPlots.add_step` and :meth:`TrainingPlots.add_validation` only append numbers and
-mark the figure dirty, and a Qt timer redraws at most ``redraws_per_second`` times a second. A
-redraw only blits the curves onto a cached background (a few ms); the axes, ticks and legends
-(text is what makes a full matplotlib draw cost ~100 ms) are redrawn only when the axis limits
-grow, which they do by doubling.
+Training events arrive many times a second and the viewer must never stall, so the plots are drawn
+with pyqtgraph (Qt's own painter: an axis with new tick labels costs a few milliseconds, where a
+matplotlib redraw cost 70-140 ms and stalled the viewer). :meth:`TrainingPlots.add_step` and
+:meth:`TrainingPlots.add_validation` only append numbers; a Qt timer pushes them into the curves at
+most ``redraws_per_second`` times a second.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
+import numpy as np
+import pyqtgraph as pg
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 __all__ = ["TrainingPlots"]
 
 # napari's dark theme, so the plots sit in the dock without a white block
 _BACKGROUND = "#262930"
 _FOREGROUND = "#d6d0ce"
+_GRID_ALPHA = 0.25
 _CLASS_COLOURS = ["#ff7f50", "#4fc3f7", "#aed581", "#ba68c8", "#ffd54f", "#90a4ae"]
 
 
@@ -48,29 +57,35 @@ class TrainingPlots(QWidget):
         self.val_steps: list[int] = []
         self.dice: list[list[float]] = []  # one list per evaluation, one value per class
         self._dirty = False
+        self.redraws = 0  # for tests: how often the curves were updated
 
-        # a fixed layout: tight_layout would re-measure every text on every redraw (~150 ms)
-        self.figure = Figure(figsize=(4.0, 4.2), dpi=100, facecolor=_BACKGROUND)
-        self.figure.subplots_adjust(left=0.16, right=0.97, top=0.94, bottom=0.1, hspace=0.55)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(300)
-        self.loss_axes = self.figure.add_subplot(2, 1, 1)
-        self.dice_axes = self.figure.add_subplot(2, 1, 2)
-        # animated lines are left out of full draws and blitted onto the cached background
-        (self._raw_line,) = self.loss_axes.plot(
-            [], [], color="#8d99ae", alpha=0.45, linewidth=0.8, label="loss", animated=True
-        )
-        (self._smooth_line,) = self.loss_axes.plot([], [], color="#ff7f50", linewidth=1.6, label="smoothed", animated=True)
-        self._dice_lines: list = []
-        self._style_axes()
-        self._legend(self.loss_axes)
-        self._background = None
-        self.canvas.mpl_connect("draw_event", self._on_full_draw)
-        self.full_draws = 0  # for tests: how often the whole figure was drawn
-        self._exporting = False
+        self.graphics = pg.GraphicsLayoutWidget()
+        self.graphics.setBackground(_BACKGROUND)
+        self.graphics.setMinimumHeight(300)
+        self.loss_plot = self.graphics.addPlot(row=0, col=0)
+        self.dice_plot = self.graphics.addPlot(row=1, col=0)
+        self._style(self.loss_plot, "Training loss", "loss")
+        self._style(self.dice_plot, "Validation Dice per class", "Dice")
+        self.dice_plot.setXLink(self.loss_plot)  # both plots show the same steps
+        # the ranges are set by redraw, in jumps: autoranging re-laid out the axes on every paint
+        self.dice_plot.setYRange(0.0, 1.02, padding=0)
+        self._x_limit = 0.0
+        self._y_limit = 0.0
+        self._fit_ranges()
+        # long runs: draw at most one point per pixel column (min/max per column keeps the spikes)
+        self.loss_plot.setDownsampling(auto=True, mode="peak")
+        self.loss_plot.setClipToView(True)
+        self.loss_legend = self.loss_plot.addLegend(offset=(-8, 8), labelTextColor=_FOREGROUND, labelTextSize="7pt")
+        self.dice_legend = self.dice_plot.addLegend(offset=(-8, -8), labelTextColor=_FOREGROUND, labelTextSize="7pt")
+        self.raw_curve = self.loss_plot.plot([], [], pen=pg.mkPen(QColor(141, 153, 174, 115), width=1), name="loss")
+        self.smooth_curve = self.loss_plot.plot([], [], pen=pg.mkPen("#ff7f50", width=2), name="smoothed")
+        self.dice_curves: list[pg.PlotDataItem] = []
 
         self.status = QLabel("No training yet.")
         self.status.setWordWrap(True)
+        # a fixed height: a label that grows by a line would resize (and re-lay out) the whole dock
+        self.status.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
+        self.status.setFixedHeight(2 * self.status.fontMetrics().lineSpacing() + 4)
         self.export_button = QPushButton("Export PNG…")
         self.export_button.setToolTip("Save both plots as a PNG image.")
         self.export_button.clicked.connect(self._ask_export_path)
@@ -79,7 +94,7 @@ class TrainingPlots(QWidget):
         bottom.addWidget(self.export_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
+        layout.addWidget(self.graphics)
         layout.addLayout(bottom)
 
         self._timer = QTimer(self)
@@ -87,15 +102,29 @@ class TrainingPlots(QWidget):
         self._timer.timeout.connect(self._redraw_if_dirty)
         self._timer.start()
 
+    @staticmethod
+    def _style(plot: pg.PlotItem, title: str, y_label: str) -> None:
+        plot.setTitle(title, color=_FOREGROUND, size="9pt")
+        for side, label in (("bottom", "step"), ("left", y_label)):
+            axis = plot.getAxis(side)
+            axis.setPen(_FOREGROUND)
+            axis.setTextPen(_FOREGROUND)
+            plot.setLabel(side, label, color=_FOREGROUND, **{"font-size": "8pt"})
+        plot.showGrid(x=True, y=True, alpha=_GRID_ALPHA)
+        plot.setMenuEnabled(False)
+        plot.setMouseEnabled(x=False, y=False)  # a scroll over the dock scrolls the dock, not the plot
+        plot.hideButtons()
+
     # -- feeding -------------------------------------------------------------------------------
 
     def set_class_names(self, names: Sequence[str]) -> None:
         """Legend names for the Dice curves (e.g. ``["membrane", "cell"]``)."""
         self.class_names = [str(n) for n in names]
-        for line, name in zip(self._dice_lines, self.class_names):
-            line.set_label(name)
-        if self._dice_lines:
-            self._legend(self.dice_axes)
+        for index, curve in enumerate(self.dice_curves):
+            if index < len(self.class_names) and curve.name() != self.class_names[index]:
+                self.dice_legend.removeItem(curve)
+                curve.opts["name"] = self.class_names[index]
+                self.dice_legend.addItem(curve, self.class_names[index])
         self._dirty = True
 
     def add_step(self, step: int, loss: float) -> None:
@@ -112,20 +141,23 @@ class TrainingPlots(QWidget):
         values = [float(d) for d in dice]
         self.val_steps.append(int(step))
         self.dice.append(values)
-        while len(self._dice_lines) < len(values):
-            index = len(self._dice_lines)
+        while len(self.dice_curves) < len(values):
+            index = len(self.dice_curves)
             name = self.class_names[index] if index < len(self.class_names) else f"class {index}"
             colour = _CLASS_COLOURS[index % len(_CLASS_COLOURS)]
-            (line,) = self.dice_axes.plot(
-                [], [], marker="o", markersize=3, color=colour, label=name, animated=True
+            curve = self.dice_plot.plot(
+                [], [], pen=pg.mkPen(colour, width=1.5), symbol="o", symbolSize=5,
+                symbolBrush=colour, symbolPen=None, name=name,
             )
-            self._dice_lines.append(line)
-            self._legend(self.dice_axes)  # only when a class appears, not on every redraw
-            self._background = None
+            self.dice_curves.append(curve)
         self._dirty = True
 
     def set_status(self, text: str) -> None:
-        self.status.setText(text)
+        """The line under the plots; shown at the next redraw (each widget update repaints the window)."""
+        self._pending_status = text
+        self._dirty = True
+
+    _pending_status: str | None = None
 
     def clear(self) -> None:
         """Forget all points (a new training run)."""
@@ -134,15 +166,12 @@ class TrainingPlots(QWidget):
         self.smoothed.clear()
         self.val_steps.clear()
         self.dice.clear()
-        for line in self._dice_lines:
-            line.remove()
-        self._dice_lines.clear()
-        legend = self.dice_axes.get_legend()
-        if legend is not None:
-            legend.remove()
+        for curve in self.dice_curves:
+            self.dice_plot.removeItem(curve)  # also takes it out of the legend
+        self.dice_curves.clear()
         self.status.setText("No training yet.")
-        self._dirty = True
-        self._background = None
+        self._pending_status = None
+        self._x_limit = self._y_limit = 0.0
         self.redraw()
 
     @property
@@ -155,87 +184,36 @@ class TrainingPlots(QWidget):
 
     # -- drawing -------------------------------------------------------------------------------
 
-    def _style_axes(self) -> None:
-        for axes in (self.loss_axes, self.dice_axes):
-            axes.set_facecolor(_BACKGROUND)
-            axes.tick_params(colors=_FOREGROUND, labelsize=8)
-            for spine in axes.spines.values():
-                spine.set_color(_FOREGROUND)
-            axes.xaxis.label.set_color(_FOREGROUND)
-            axes.yaxis.label.set_color(_FOREGROUND)
-            axes.title.set_color(_FOREGROUND)
-            axes.grid(True, color="#555a66", linewidth=0.5, alpha=0.6)
-        self.loss_axes.set_title("Training loss", fontsize=9)
-        self.loss_axes.set_xlabel("step", fontsize=8)
-        self.loss_axes.set_ylabel("loss", fontsize=8)
-        self.dice_axes.set_title("Validation Dice per class", fontsize=9)
-        self.dice_axes.set_xlabel("step", fontsize=8)
-        self.dice_axes.set_ylabel("Dice", fontsize=8)
-        self.dice_axes.set_ylim(0, 1.02)
-
-    def _legend(self, axes) -> None:
-        if not axes.get_lines():
-            return
-        # a fixed corner: loc="best" searches for free space on every draw
-        corner = "upper right" if axes is self.loss_axes else "lower right"
-        legend = axes.legend(fontsize=7, loc=corner, facecolor=_BACKGROUND, edgecolor="#555a66")
-        for text in legend.get_texts():
-            text.set_color(_FOREGROUND)
-
-    def _animated_lines(self) -> list:
-        return [self._raw_line, self._smooth_line, *self._dice_lines]
-
     def redraw(self) -> None:
-        """Push the stored points into the lines and show them: a blit, or a full draw if the limits grew."""
+        """Push the stored points into the curves (pyqtgraph repaints them at the next paint)."""
         self._dirty = False
-        self._raw_line.set_data(self.steps, self.losses)
-        self._smooth_line.set_data(self.steps, self.smoothed)
-        for index, line in enumerate(self._dice_lines):
-            line.set_data(self.val_steps, [d[index] if index < len(d) else float("nan") for d in self.dice])
-        if self._update_limits() or self._background is None:
-            self.canvas.draw_idle()  # the background is captured again in _on_full_draw
-        else:
-            self._blit()
+        self.redraws += 1
+        if self._pending_status is not None:
+            self.status.setText(self._pending_status)
+            self._pending_status = None
+        steps = np.asarray(self.steps, dtype=np.float64)
+        self.raw_curve.setData(steps, np.asarray(self.losses, dtype=np.float64))
+        self.smooth_curve.setData(steps, np.asarray(self.smoothed, dtype=np.float64))
+        val_steps = np.asarray(self.val_steps, dtype=np.float64)
+        for index, curve in enumerate(self.dice_curves):
+            values = [d[index] if index < len(d) else np.nan for d in self.dice]
+            curve.setData(val_steps, np.asarray(values, dtype=np.float64))
+        self._fit_ranges()
 
-    def _update_limits(self) -> bool:
-        """Grow the axis limits in jumps (so full draws stay rare); True if they changed."""
+    def _fit_ranges(self) -> None:
+        """Grow the step and loss ranges in jumps (doubling), so that the axes rarely change."""
         last_step = max(self.steps[-1] if self.steps else 0, self.val_steps[-1] if self.val_steps else 0)
-        x_low, x_high = self.loss_axes.get_xlim()
-        want_x = 10.0 if (last_step == 0 or x_high < 10.0) else x_high
-        if last_step > want_x:
-            want_x = 2.0 * last_step
-        y_low, y_high = self.loss_axes.get_ylim()
-        want_y = (0.0, 1.0)
-        if self.losses:
-            low, high = min(0.0, min(self.losses) * 1.1), max(self.losses) * 1.1 or 1.0
-            # grow only, so that a falling loss does not redraw the axes at every point
-            want_y = (min(low, y_low), max(high, y_high)) if self._loss_axis_set else (low, high)
-        changed = (x_low, x_high) != (0.0, want_x) or (y_low, y_high) != want_y
-        if changed:
-            for axes in (self.loss_axes, self.dice_axes):
-                axes.set_xlim(0.0, want_x)
-            self.loss_axes.set_ylim(*want_y)
-        self._loss_axis_set = bool(self.losses)
-        return changed
-
-    _loss_axis_set = False  # the loss axis holds real data limits (not the placeholder 0..1)
-
-    def _on_full_draw(self, event) -> None:
-        """After matplotlib drew everything but the curves: cache it, then put the curves on."""
-        if self._exporting:
-            return
-        self.full_draws += 1
-        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
-        self._draw_lines()
-
-    def _blit(self) -> None:
-        self.canvas.restore_region(self._background)
-        self._draw_lines()
-
-    def _draw_lines(self) -> None:
-        for line in self._animated_lines():
-            line.axes.draw_artist(line)
-        self.canvas.blit(self.figure.bbox)
+        x_limit = self._x_limit if last_step <= self._x_limit else max(10.0, 2.0 * last_step)
+        finite = [v for v in self.losses if np.isfinite(v)]
+        highest = max(finite) if finite else 0.0
+        # grow only, so that a falling loss does not rescale the axis at every point
+        y_limit = self._y_limit if highest <= self._y_limit else 1.1 * highest
+        y_limit = y_limit or 1.0
+        if (x_limit, y_limit) != (self._x_limit, self._y_limit) or x_limit == 0.0:
+            self._x_limit, self._y_limit = x_limit or 10.0, y_limit
+            lowest = min(0.0, 1.1 * min(finite)) if finite else 0.0
+            self.loss_plot.setXRange(0.0, self._x_limit, padding=0)
+            self.loss_plot.setYRange(lowest, self._y_limit, padding=0)
 
     def _redraw_if_dirty(self) -> None:
         if self._dirty and self.isVisible():
@@ -243,25 +221,22 @@ class TrainingPlots(QWidget):
 
     # -- export --------------------------------------------------------------------------------
 
-    def export_png(self, path: str | Path, dpi: int = 150) -> Path:
-        """Save both plots as a PNG file (the current points, whatever the redraw timer did)."""
+    def export_png(self, path: str | Path, scale: float = 2.0) -> Path:
+        """Save both plots as a PNG file (the current points, at ``scale`` times the dock's size)."""
         path = Path(path)
         if path.suffix.lower() != ".png":
             path = path.with_suffix(".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.redraw()
-        lines = self._animated_lines()
-        for line in lines:  # a saved figure draws everything in one go
-            line.set_animated(False)
-        self._exporting = True
-        try:
-            self.figure.savefig(path, dpi=dpi, facecolor=self.figure.get_facecolor())
-        finally:
-            self._exporting = False
-            for line in lines:
-                line.set_animated(True)
-            self._background = None
-            self.canvas.draw_idle()
+        from pyqtgraph.exporters import ImageExporter
+
+        exporter = ImageExporter(self.graphics.scene())
+        width = max(int(self.graphics.width() * scale), 400)
+        exporter.parameters()["width"] = width
+        exporter.parameters()["background"] = QColor(_BACKGROUND)
+        exporter.export(str(path))
+        if not path.is_file():
+            raise OSError(f"the PNG file {path} was not written")
         return path
 
     def _ask_export_path(self) -> None:
@@ -277,6 +252,6 @@ class TrainingPlots(QWidget):
             return
         self.set_status(f"Plots saved to {saved}")
 
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+    def closeEvent(self, event) -> None:
         self._timer.stop()
         super().closeEvent(event)
