@@ -71,7 +71,8 @@ def record(owner, name: str) -> None:
 
 for _name in ("redraw", "add_step", "add_validation", "set_status"):
     record(plots_module.TrainingPlots, _name)
-for _name in ("_on_training_event", "_show_preview", "_on_training_done", "_on_training_finished"):
+for _name in ("start", "flush_autosave", "_prepare_run", "_ensure_preview_layer", "_on_training_event",
+              "_show_preview", "_on_training_done", "_on_training_finished"):
     record(finetune_module.FinetuneWidget, _name)
 
 
@@ -173,6 +174,7 @@ def main(argv=None) -> dict:
         )
         long_gaps.append({"at_s": round(begin - started, 2), "gap_ms": round(float(gap), 1), "dock_handlers": inside})
     steps = finetune.plots.steps[-1] if finetune.plots.steps else 0
+    loss_points, dice_points = finetune.plots.n_loss_points, finetune.plots.n_dice_points
 
     # Stop: from the click to the end of the training loop
     finetune.set_settings(FinetuneSettings(time_budget=120))
@@ -195,7 +197,8 @@ def main(argv=None) -> dict:
         "segment_gaps_over_50_ms": int((segment_gaps > 50).sum()),
         "fine_tune_seconds": args.seconds,
         "steps": steps,
-        "loss_points": finetune.plots.n_loss_points,
+        "loss_points": loss_points,
+        "dice_points": dice_points,
         "ticks": len(gaps),
         "gap_median_ms": round(float(np.median(gaps)), 1),
         "gap_p99_ms": round(float(np.percentile(gaps, 99)), 1),

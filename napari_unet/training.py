@@ -400,6 +400,8 @@ class Trainer:
         anchored = []
         try:
             for sample in self.train_samples:
+                if self._stop_event.is_set():  # stop() comes first: the run ends before its first step
+                    return self.train_samples
                 unlabelled = sample.weights <= 0
                 if not unlabelled.any():
                     anchored.append(sample)
