@@ -197,9 +197,14 @@ def child_throughput(config: dict) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rows["channels_last bf16 autocast"] = best_of(lambda: model_cl(inputs_cl),
                                                           config["repeats"])
+        from napari_unet.models.lean import lean_inference_copy
+
+        lean = lean_inference_copy(model).to(memory_format=torch.channels_last)
+        rows["lean copy (what predict runs), channels_last fp32"] = best_of(lambda: lean(inputs_cl),
+                                                                              config["repeats"])
         if config.get("compile"):
-            compiled = torch.compile(model_cl)
-            rows["channels_last fp32 torch.compile"] = best_of(lambda: compiled(inputs_cl),
+            compiled = torch.compile(lean)
+            rows["lean copy, channels_last fp32, torch.compile"] = best_of(lambda: compiled(inputs_cl),
                                                                config["repeats"])
     return {
         "sgemm_gflops": sgemm, "forward_gflop": flops / 1e9,

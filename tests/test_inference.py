@@ -482,3 +482,16 @@ def test_cuda_prediction_matches_cpu_and_releases_memory(model_2d):
     mixed = predict(model_2d, image, tile=64, device="cuda")  # bf16/fp16 autocast
     assert _dice(mixed[1] >= 0.5, on_cpu[1] >= 0.5) > 0.99
     model_2d.to("cpu")
+
+
+def test_the_lean_prediction_copy_is_reused_until_the_weights_change():
+    import torch
+
+    from napari_unet.models import build_model
+
+    model = build_model("unet", in_channels=1, out_channels=1, width=4, depth=2)
+    first = inference._lean_model(model)
+    assert first is not model and inference._lean_model(model) is first
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a training step
+    assert inference._lean_model(model) is not first
