@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="step budget instead of the time budget")
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--border-weights", type=int, default=int(defaults.border_weights))
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     return parser.parse_args(argv)
 
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
         time_budget=None if args.steps else args.time_budget, steps=args.steps, val_every=args.val_every,
         loss_options=args.loss_options, border_weights=bool(args.border_weights), batch_size=args.batch_size, patch_size=args.patch_size,
         learning_rate=args.lr, loss=args.loss, amp=args.amp, warmup_steps=args.warmup_steps,
-        augment=not args.no_augment, seed=args.seed, device="cpu",
+        augment=not args.no_augment, seed=args.seed, device="cpu", ema_decay=args.ema_decay,
     )
     model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
 
