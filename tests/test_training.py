@@ -335,3 +335,20 @@ def test_anchor_keeps_a_trained_model_from_learning_one_class_everywhere():
     start_error = float((before[labels == 0] == 1).mean())
     assert results[0.0] > 0.5  # unanchored: most background turned foreground
     assert results[0.3] < start_error + 0.05  # anchored: background stays background
+
+
+def test_weight_average_averages_batch_norm_statistics_too():
+    from napari_unet.training import _WeightAverage
+
+    model = tiny_model()
+    average = _WeightAverage(model, decay=0.5)
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    averaged_norm = next(m for m in average.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = averaged_norm.running_mean.clone()
+    with torch.no_grad():
+        norm.running_mean.add_(4.0)
+        norm.num_batches_tracked.fill_(7)
+    average.update(model)  # first update: decay min(0.5, 2 / 11)
+    weight = 1 - 2 / 11
+    torch.testing.assert_close(averaged_norm.running_mean, before + 4.0 * weight)
+    assert int(averaged_norm.num_batches_tracked) == 7  # counters are copied, not averaged

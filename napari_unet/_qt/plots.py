@@ -57,7 +57,6 @@ class TrainingPlots(QWidget):
         self.val_steps: list[int] = []
         self.dice: list[list[float]] = []  # one list per evaluation, one value per class
         self._dirty = False
-        self.redraws = 0  # for tests: how often the curves were updated
 
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setBackground(_BACKGROUND)
@@ -187,7 +186,6 @@ class TrainingPlots(QWidget):
     def redraw(self) -> None:
         """Push the stored points into the curves (pyqtgraph repaints them at the next paint)."""
         self._dirty = False
-        self.redraws += 1
         if self._pending_status is not None:
             self.status.setText(self._pending_status)
             self._pending_status = None
