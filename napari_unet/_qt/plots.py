@@ -190,26 +190,27 @@ class TrainingPlots(QWidget):
             self.status.setText(self._pending_status)
             self._pending_status = None
         steps = np.asarray(self.steps, dtype=np.float64)
-        self.raw_curve.setData(steps, np.asarray(self.losses, dtype=np.float64))
+        losses = np.asarray(self.losses, dtype=np.float64)
+        self.raw_curve.setData(steps, losses)
         self.smooth_curve.setData(steps, np.asarray(self.smoothed, dtype=np.float64))
         val_steps = np.asarray(self.val_steps, dtype=np.float64)
         for index, curve in enumerate(self.dice_curves):
             values = [d[index] if index < len(d) else np.nan for d in self.dice]
             curve.setData(val_steps, np.asarray(values, dtype=np.float64))
-        self._fit_ranges()
+        self._fit_ranges(losses)
 
-    def _fit_ranges(self) -> None:
+    def _fit_ranges(self, losses: np.ndarray | None = None) -> None:
         """Grow the step and loss ranges in jumps (doubling), so that the axes rarely change."""
         last_step = max(self.steps[-1] if self.steps else 0, self.val_steps[-1] if self.val_steps else 0)
         x_limit = self._x_limit if last_step <= self._x_limit else max(10.0, 2.0 * last_step)
-        finite = [v for v in self.losses if np.isfinite(v)]
-        highest = max(finite) if finite else 0.0
+        finite = np.empty(0) if losses is None else losses[np.isfinite(losses)]
+        highest = float(finite.max()) if finite.size else 0.0
         # grow only, so that a falling loss does not rescale the axis at every point
         y_limit = self._y_limit if highest <= self._y_limit else 1.1 * highest
         y_limit = y_limit or 1.0
         if (x_limit, y_limit) != (self._x_limit, self._y_limit) or x_limit == 0.0:
             self._x_limit, self._y_limit = x_limit or 10.0, y_limit
-            lowest = min(0.0, 1.1 * min(finite)) if finite else 0.0
+            lowest = min(0.0, 1.1 * float(finite.min())) if finite.size else 0.0
             self.loss_plot.setXRange(0.0, self._x_limit, padding=0)
             self.loss_plot.setYRange(lowest, self._y_limit, padding=0)
 
