@@ -744,9 +744,10 @@ def one_class_warning(
     Users paint where the model was wrong, often one class only (e.g. membrane it missed); trained
     on those alone, a model learns "that class everywhere".
     """
-    confirmed = state.confirmed_mask(margin)
-    values = np.asarray(labels)[confirmed]
-    if values.size == 0 or len(class_names) < 2 or state.reviewed_slices or state.reviewed_regions:
+    if len(class_names) < 2 or state.reviewed_slices or state.reviewed_regions:
+        return None  # a reviewed slice holds every class; no need to grow the strokes to know
+    values = np.asarray(labels)[state.confirmed_mask(margin)]
+    if values.size == 0:
         return None
     counts = np.bincount(np.clip(values, 0, len(class_names) - 1).astype(np.int64), minlength=len(class_names))
     top = int(np.argmax(counts))
