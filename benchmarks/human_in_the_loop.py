@@ -221,17 +221,14 @@ def main(argv=None) -> dict:
         report["runs"]["sparse_strokes"] = {**info, **test_dice(model, image, truth, device)}
         print("  ", {k: v for k, v in report["runs"]["sparse_strokes"].items() if k != "settings"}, flush=True)
 
-    if args.no_reference:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        return report
-    print(f"reference: 2 x {unit} from scratch on slices 0-19", flush=True)
-    reference, ref_info = train_from_scratch(args, image[REFERENCE_SLICES], truth[REFERENCE_SLICES], 2)
-    report["reference"] = {**ref_info, **test_dice(reference, image, truth, device)}
-    print("  ", report["reference"], flush=True)
-    for run in report["runs"].values():
-        run["membrane_dice_gap_to_reference"] = round(run["membrane_dice"] - report["reference"]["membrane_dice"], 4)
-        run["membrane_dice_gain_over_start"] = round(run["membrane_dice"] - report["start"]["membrane_dice"], 4)
+    if not args.no_reference:
+        print(f"reference: 2 x {unit} from scratch on slices 0-19", flush=True)
+        reference, ref_info = train_from_scratch(args, image[REFERENCE_SLICES], truth[REFERENCE_SLICES], 2)
+        report["reference"] = {**ref_info, **test_dice(reference, image, truth, device)}
+        print("  ", report["reference"], flush=True)
+        for run in report["runs"].values():
+            run["membrane_dice_gap_to_reference"] = round(run["membrane_dice"] - report["reference"]["membrane_dice"], 4)
+            run["membrane_dice_gain_over_start"] = round(run["membrane_dice"] - report["start"]["membrane_dice"], 4)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
