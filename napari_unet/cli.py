@@ -304,34 +304,27 @@ def _shape(shape: Sequence[int]) -> str:
 # Argument parsing
 
 
-def _positive_int(text: str) -> int:
+def _checked_number(text: str, convert: Callable[[str], Any], noun: str, valid: Callable[[Any], bool], rule: str):
+    """``convert(text)`` for argparse, or a one-line error: not ``noun``, or not ``rule``."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{text} {rule}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _checked_number(text, int, "a whole number", lambda v: v >= 1, "must be at least 1")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
-    return value
+    return _checked_number(text, float, "a number", lambda v: v > 0, "must be positive")
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
-    return value
+    return _checked_number(text, float, "a number", lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def _sides(text: str) -> int | tuple[int, ...]:
