@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,20 +42,27 @@ def machine_info() -> dict:
             "load_average_at_end": os.getloadavg()}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def benchmark_parser(description: str, data: Path, name: str) -> argparse.ArgumentParser:
+    """The options every training benchmark has; the defaults are the CLI's."""
     defaults = cli.default_train_config()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time-budget", type=float, default=900.0, help="training seconds (default 900)")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "isbi2012")
-    parser.add_argument("--name", default="isbi", help="result file stem (default isbi)")
-    # experiment overrides; the defaults are the CLI's
+    parser.add_argument("--data", type=Path, default=data)
+    parser.add_argument("--name", default=name, help=f"result file stem (default {name})")
     parser.add_argument("--model", default=cli.DEFAULT_MODEL)
     parser.add_argument("--width", type=int, default=cli.DEFAULT_WIDTH)
     parser.add_argument("--depth", type=int, default=cli.DEFAULT_DEPTH)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--loss", default=defaults.loss)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = cli.default_train_config()
+    parser = benchmark_parser(__doc__, REPO.parent / "shared" / "data" / "isbi2012", "isbi")
+    # experiment overrides; the defaults are the CLI's
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--amp", default=defaults.amp)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--no-augment", action="store_true")
@@ -65,6 +73,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--border-weights", type=int, default=int(defaults.border_weights))
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     return parser.parse_args(argv)
+
+
+def train_and_score(model, config, train_images, train_labels, val_images, val_labels,
+                    dice_text: Callable[[list], str]) -> dict:
+    """Train through the CLI's code path, printing each validation; score with and without TTA."""
+    cpu_seconds = []  # process CPU time at each validation: a load-independent measure of work
+
+    def log(event) -> None:
+        if event.kind == "validation":
+            cpu_seconds.append(round(time.process_time() - cpu_start, 1))
+            print(f"  {event.elapsed:7.1f} s  step {event.step:5d}  {dice_text(event.dice)}", flush=True)
+        elif event.kind == "finished":
+            print(f"  {event.message}", flush=True)
+
+    cpu_start = time.process_time()
+    trainer = cli.train_model(model, train_images, train_labels, config=config,
+                              val_images=val_images, val_labels=val_labels, on_event=log)
+    return {
+        "trainer": trainer,
+        "cpu_seconds": cpu_seconds,
+        "steps_per_second": trainer.step / max(trainer.history["elapsed"][-1], 1e-9),
+        "final": score(trainer.model, val_images, val_labels, tta=False),
+        "final_tta": score(trainer.model, val_images, val_labels, tta=True),
+    }
+
+
+def result_record(benchmark: str, script: str, argv, args: argparse.Namespace, config, run: dict) -> dict:
+    """What a training benchmark writes to its JSON file (RESULTS is created here)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    trainer = run["trainer"]
+    history = trainer.history
+    return {
+        "benchmark": benchmark,
+        "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {"model": args.model, "width": args.width, "depth": args.depth, **dataclasses.asdict(config)},
+        "machine": machine_info(),
+        "steps": trainer.step,
+        "steps_per_second": round(run["steps_per_second"], 3),
+        "best_step": history["best_step"],
+        "final": run["final"],
+        "final_tta": run["final_tta"],
+        "curve": {"elapsed": history["val_elapsed"], "step": history["val_step"], "dice": history["val_dice"],
+                  "cpu_seconds": run["cpu_seconds"]},
+    }
 
 
 def first_time_reaching(history: dict, class_index: int, threshold: float) -> float | None:
@@ -125,40 +177,15 @@ def main(argv=None) -> int:
     )
     model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
 
-    cpu_seconds = []  # process CPU time at each validation: a load-independent measure of work
+    def dice_text(dice) -> str:
+        return f"membrane {dice[MEMBRANE]:.4f}  cell {dice[CELL]:.4f}"
 
-    def log(event) -> None:
-        if event.kind == "validation":
-            cpu_seconds.append(round(time.process_time() - cpu_start, 1))
-            print(f"  {event.elapsed:7.1f} s  step {event.step:5d}  membrane {event.dice[MEMBRANE]:.4f}  "
-                  f"cell {event.dice[CELL]:.4f}", flush=True)
-        elif event.kind == "finished":
-            print(f"  {event.message}", flush=True)
-
-    cpu_start = time.process_time()
-    trainer = cli.train_model(model, train_images, train_labels, config=config,
-                              val_images=val_images, val_labels=val_labels, on_event=log)
-    history = trainer.history
-    steps_per_second = trainer.step / max(history["elapsed"][-1], 1e-9)
-    final = score(trainer.model, val_images, val_labels, tta=False)
-    final_tta = score(trainer.model, val_images, val_labels, tta=True)
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    settings = {"model": args.model, "width": args.width, "depth": args.depth, **dataclasses.asdict(config)}
-    result = {
-        "benchmark": "ISBI 2012: train slices 0-19, validate on 20-23",
-        "command": "python benchmarks/train_isbi.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": settings,
-        "machine": machine_info(),
-        "steps": trainer.step,
-        "steps_per_second": round(steps_per_second, 3),
-        "time_to_membrane_dice_0.80_s": first_time_reaching(history, MEMBRANE, 0.80),
-        "best_step": history["best_step"],
-        "final": final,
-        "final_tta": final_tta,
-        "curve": {"elapsed": history["val_elapsed"], "step": history["val_step"], "dice": history["val_dice"],
-                  "cpu_seconds": cpu_seconds},
-    }
+    run = train_and_score(model, config, train_images, train_labels, val_images, val_labels, dice_text)
+    trainer, history, final, final_tta = run["trainer"], run["trainer"].history, run["final"], run["final_tta"]
+    steps_per_second = run["steps_per_second"]
+    result = result_record("ISBI 2012: train slices 0-19, validate on 20-23", "train_isbi.py", argv, args,
+                           config, run)
+    result["time_to_membrane_dice_0.80_s"] = first_time_reaching(history, MEMBRANE, 0.80)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     title = (f"ISBI 2012 held-out slices 20-23: {args.model} w{args.width} d{args.depth}, "
              f"{args.time_budget:.0f} s on {os.cpu_count()} CPU cores, torch {torch.__version__}")

@@ -12,11 +12,9 @@ mitochondria_curve.png and prints a summary line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +25,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from napari_unet import cli, io  # noqa: E402
-from train_isbi import machine_info, score  # noqa: E402
+from train_isbi import RESULTS, benchmark_parser, result_record, train_and_score  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 TRAIN_SLICES = slice(0, 72)
 VAL_SLICES = slice(72, 96)
 MITO = 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = cli.default_train_config()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--time-budget", type=float, default=900.0, help="training seconds (default 900)")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "lucchi_pp")
-    parser.add_argument("--name", default="mitochondria", help="result file stem (default mitochondria)")
-    parser.add_argument("--model", default=cli.DEFAULT_MODEL)
-    parser.add_argument("--width", type=int, default=cli.DEFAULT_WIDTH)
-    parser.add_argument("--depth", type=int, default=cli.DEFAULT_DEPTH)
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
-    parser.add_argument("--loss", default=defaults.loss)
-    return parser.parse_args(argv)
+    return benchmark_parser(__doc__, REPO.parent / "shared" / "data" / "lucchi_pp", "mitochondria").parse_args(argv)
 
 
 def plot_curve(history: dict, path: Path, title: str) -> None:
@@ -77,37 +64,12 @@ def main(argv=None) -> int:
     config = cli.default_train_config(time_budget=args.time_budget, learning_rate=args.lr, loss=args.loss, device="cpu")
     model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
 
-    cpu_seconds = []  # process CPU time at each validation: a load-independent measure of work
-
-    def log(event) -> None:
-        if event.kind == "validation":
-            cpu_seconds.append(round(time.process_time() - cpu_start, 1))
-            print(f"  {event.elapsed:7.1f} s  step {event.step:5d}  mitochondria Dice {event.dice[MITO]:.4f}", flush=True)
-        elif event.kind == "finished":
-            print(f"  {event.message}", flush=True)
-
-    cpu_start = time.process_time()
-    trainer = cli.train_model(model, volume[TRAIN_SLICES], labels[TRAIN_SLICES], config=config,
-                              val_images=volume[VAL_SLICES], val_labels=labels[VAL_SLICES], on_event=log)
-    history = trainer.history
-    val_images, val_labels = volume[VAL_SLICES], labels[VAL_SLICES]
-    final = score(trainer.model, val_images, val_labels, tta=False)
-    final_tta = score(trainer.model, val_images, val_labels, tta=True)
-    steps_per_second = trainer.step / max(history["elapsed"][-1], 1e-9)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "Lucchi++ (training crop): 2D model on z 0-71, validate on z 72-95",
-        "command": "python benchmarks/train_lucchi.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {"model": args.model, "width": args.width, "depth": args.depth, **dataclasses.asdict(config)},
-        "machine": machine_info(),
-        "steps": trainer.step,
-        "steps_per_second": round(steps_per_second, 3),
-        "best_step": history["best_step"],
-        "final": final,
-        "final_tta": final_tta,
-        "curve": {"elapsed": history["val_elapsed"], "step": history["val_step"], "dice": history["val_dice"],
-                  "cpu_seconds": cpu_seconds},
-    }
+    run = train_and_score(model, config, volume[TRAIN_SLICES], labels[TRAIN_SLICES], volume[VAL_SLICES],
+                          labels[VAL_SLICES], lambda dice: f"mitochondria Dice {dice[MITO]:.4f}")
+    trainer, history, final, final_tta = run["trainer"], run["trainer"].history, run["final"], run["final_tta"]
+    steps_per_second = run["steps_per_second"]
+    result = result_record("Lucchi++ (training crop): 2D model on z 0-71, validate on z 72-95", "train_lucchi.py",
+                           argv, args, config, run)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     title = (f"Lucchi++ z 72-95: 2D {args.model} w{args.width} d{args.depth}, {args.time_budget:.0f} s on "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
