@@ -88,7 +88,8 @@ def child_compare(config: dict) -> dict:
     else:
         from napari_unet.inference import predict
 
-        result = predict(model, image, tile=config["tile"], overlap=OVERLAP,
+        # float16 probabilities: two channels in the bytes of MONAI's one float32 channel
+        result = predict(model, image, tile=config["tile"], overlap=OVERLAP, dtype=config.get("out_dtype", "float32"),
                          batch_size=config["batch"], device="cpu", precision=config["precision"])
     elapsed = time.perf_counter() - start
     return {"seconds": elapsed, "peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline,
@@ -245,15 +246,17 @@ def bench_compare(sizes: dict, repeats: int) -> list[dict]:
     """Each engine ``repeats`` times, interleaved, so that a burst of load on a shared machine hits
     them alike; the best time and the largest peak RSS are kept."""
     rows = []
-    engines = (("ours", "auto"), ("ours", "fp32"), ("monai", "fp32"))
+    # (engine, autocast precision, probabilities dtype); MONAI returns float32
+    engines = (("ours", "auto", "float32"), ("ours", "fp32", "float32"), ("ours", "fp32", "float16"),
+               ("monai", "fp32", "float32"))
     for case in sizes["compare"]:
         runs: dict = {engine: [] for engine in engines}
         for _ in range(repeats):
-            for engine, precision in engines:
-                config = {**case, "engine": engine, "precision": precision}
-                runs[(engine, precision)].append(run_child("compare", config))
-        for (engine, precision), results in runs.items():
-            config = {**case, "engine": engine, "precision": precision}
+            for engine, precision, out_dtype in engines:
+                config = {**case, "engine": engine, "precision": precision, "out_dtype": out_dtype}
+                runs[(engine, precision, out_dtype)].append(run_child("compare", config))
+        for (engine, precision, out_dtype), results in runs.items():
+            config = {**case, "engine": engine, "precision": precision, "out_dtype": out_dtype}
             good = [r for r in results if "error" not in r]
             result = results[-1] if not good else {
                 **min(good, key=lambda r: r["seconds"]),
@@ -261,7 +264,7 @@ def bench_compare(sizes: dict, repeats: int) -> list[dict]:
                 "all_seconds": [r["seconds"] for r in good],
             }
             rows.append({**config, **result})
-            print_row(f"{case['dims']}D {engine} ({precision})", config, result)
+            print_row(f"{case['dims']}D {engine} ({precision}, {out_dtype} out)", config, result)
     return rows
 
 
@@ -290,13 +293,13 @@ def bench_scaling(sizes: dict) -> list[dict]:
 
 def print_row(name: str, config: dict, result: dict) -> None:
     if "error" in result:
-        print(f"{name:<34} ERROR {result['error']}", flush=True)
+        print(f"{name:<44} ERROR {result['error']}", flush=True)
         return
     shape = "x".join(str(s) for s in config["shape"])
     per_tile = ""
     if "tiles" in result:
         per_tile = f"  {result['tiles']:4d} tiles, {result['ms_per_tile']:5.0f} ms/tile"
-    print(f"{name:<34} {shape:>13} tile {config['tile']:>3}  {result['seconds']:8.1f} s  "
+    print(f"{name:<44} {shape:>13} tile {config['tile']:>3}  {result['seconds']:8.1f} s  "
           f"peak RSS {result['peak_rss_mib']:7.0f} MiB (before the call {result['baseline_rss_mib']:5.0f})"
           f"{per_tile}", flush=True)
 
@@ -313,7 +316,7 @@ def summarise(compare: list[dict]) -> list[dict]:
                 continue
             extra = lambda r: r["peak_rss_mib"] - r["baseline_rss_mib"]  # noqa: E731
             summary.append({
-                "dims": dims, "precision": ours["precision"],
+                "dims": dims, "precision": ours["precision"], "out_dtype": ours.get("out_dtype", "float32"),
                 "time_ratio": ours["seconds"] / monai["seconds"],
                 "peak_rss_ratio": ours["peak_rss_mib"] / monai["peak_rss_mib"],
                 "working_rss_ratio": extra(ours) / max(1e-9, extra(monai)),
@@ -358,7 +361,7 @@ def main() -> None:
         report["compare"] = bench_compare(sizes, args.repeats)
         report["compare_summary"] = summarise(report["compare"])
         for row in report["compare_summary"]:
-            print(f"{row['dims']}D ours ({row['precision']}) / MONAI: time {row['time_ratio']:.2f}x, "
+            print(f"{row['dims']}D ours ({row['precision']}, {row['out_dtype']} out) / MONAI: time {row['time_ratio']:.2f}x, "
                   f"peak RSS {row['peak_rss_ratio']:.2f}x, RSS above baseline "
                   f"{row['working_rss_ratio']:.2f}x")
     if "scaling" in parts:

@@ -352,3 +352,36 @@ def test_weight_average_averages_batch_norm_statistics_too():
     weight = 1 - 2 / 11
     torch.testing.assert_close(averaged_norm.running_mean, before + 4.0 * weight)
     assert int(averaged_norm.num_batches_tracked) == 7  # counters are copied, not averaged
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_cuda_training_with_mixed_precision_learns_and_saves_a_cpu_loadable_checkpoint(tmp_path):
+    images, labels = toy_stack(n=8, size=64)
+    trainer = Trainer(tiny_model(width=8), images, labels,
+                      config=config(steps=40, patch_size=64, batch_size=4, learning_rate=1e-2, augment=True,
+                                    device="cuda", amp="auto", val_fraction=0.25, val_every=20))
+    events = list(trainer.run())
+    losses = step_losses(events)
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert trainer.history["val_dice"] and min(trainer.history["val_dice"][-1]) > 0.5
+    ckpt = load_checkpoint(trainer.save(tmp_path / "gpu.pt"), map_location="cpu")
+    x = torch.randn(2, 1, 64, 64)
+    trainer.model.eval()
+    with torch.no_grad():
+        on_gpu = trainer.model(x.cuda()).float().cpu()
+        assert torch.allclose(ckpt.model(x), on_gpu, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_3d_training_runs_with_mixed_precision():
+    rng = np.random.default_rng(3)
+    volume = rng.normal(0, 1, (24, 32, 32)).astype(np.float32)
+    labels = (volume > 0.5).astype(np.uint8)
+    trainer = Trainer(build_model("unet3d", width=4, depth=2), volume, labels,
+                      config=config(steps=6, patch_size=16, batch_size=2, device="cuda", amp="auto"))
+    assert all(np.isfinite(step_losses(trainer.run())))
+    assert next(trainer.model.parameters()).device.type == "cuda"

@@ -56,3 +56,22 @@ def test_instance_norm_models_are_copied_unchanged_in_meaning():
     x = torch.randn(1, 1, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(lean_inference_copy(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet", "unet3d"])
+def test_each_skip_map_is_freed_once_its_decoder_block_has_used_it(name):
+    import weakref
+
+    if name not in available_models():
+        pytest.skip(f"no {name} in the registry")
+    model = _trained_looking(build_model(name, in_channels=1, out_channels=2, width=8, depth=2))
+    lean = lean_inference_copy(model)
+    full_resolution_skip: dict = {}
+    alive_in_last_block: list[bool] = []
+    lean.inc.register_forward_hook(lambda module, args, out: full_resolution_skip.update(ref=weakref.ref(out)))
+    lean.ups[-1].rest.register_forward_pre_hook(
+        lambda module, args: alive_in_last_block.append(full_resolution_skip["ref"]() is not None))
+    x = torch.randn((1, 1, 8, 16, 16) if model.spatial_dims == 3 else (1, 1, 32, 32))
+    with torch.inference_mode():
+        torch.testing.assert_close(lean(x), model(x), rtol=1e-4, atol=1e-4)
+    assert alive_in_last_block == [False]

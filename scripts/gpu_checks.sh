@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks in one run: the `gpu`-marked tests, the engine's whole test suite with a GPU
+# present (device "auto" then means CUDA), and benchmarks/bench_gpu.py. Logs and gpu.json go to
+# ${OUT:-gpu-checks}/. Qt tests are left to the CPU CI (they need napari and a display).
+#   bash scripts/gpu_checks.sh [ISBI_FOLDER]
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-checks}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then  # wheels carried to a machine without a package index
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+status=0
+timeout 240 $PY -m pytest tests --ignore=tests/_qt -m gpu -v -rs 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" || status=1
+timeout 240 $PY -m pytest tests --ignore=tests/_qt -q -n 8 2>&1 | tee "$OUT/engine_tests.log" | tail -25 || status=1
+ISBI=${1:-}
+timeout 400 $PY benchmarks/bench_gpu.py --compile --output "$OUT/gpu.json" ${ISBI:+--isbi "$ISBI"} 2>&1 | tee "$OUT/bench_gpu.log" || status=1
+exit $status
