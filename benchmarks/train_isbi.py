@@ -5,7 +5,7 @@
 Trains exactly what `napari-unet train` trains (same model defaults, same TrainConfig defaults,
 same code path), validating on slices 20-23 during training to record Dice against wall time.
 The final model is scored on slices 20-23 with and without 8-fold test-time augmentation (flips
-in x and y). Writes benchmarks/results/isbi.json and isbi_curve.png and prints a summary line.
+in x and y, each also transposed). Writes benchmarks/results/isbi.json and isbi_curve.png and prints a summary line.
 Options other than --time-budget/--data exist for the experiments that chose the defaults.
 """
 

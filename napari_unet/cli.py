@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--probabilities", metavar="PATH", help="also write the class probabilities (.tif or .zarr)")
     predict.add_argument("--tile", type=_sides, default=None, help="tile side(s) (default: fit the device memory)")
     predict.add_argument("--overlap", type=_fraction, default=0.25, help="tile overlap fraction (default 0.25)")
-    predict.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    predict.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (in 2D also transposes: 8 views)")
     predict.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for binary models (default 0.5)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")

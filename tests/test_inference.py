@@ -413,6 +413,8 @@ def test_tta_is_flip_equivariant_and_close_to_plain(model_2d, model_3d):
     tta = predict(model_2d, image, tile=64, tta=True, **options)
     flipped = predict(model_2d, image[::-1, ::-1].copy(), tile=64, tta=True, **options)
     np.testing.assert_allclose(flipped[:, ::-1, ::-1], tta, atol=1e-5)
+    transposed = predict(model_2d, image.T.copy(), tile=64, tta=True, **options)  # 2D: square symmetries
+    np.testing.assert_allclose(np.swapaxes(transposed, 1, 2), tta, atol=1e-5)
     assert _dice(tta[1] >= 0.5, plain[1] >= 0.5) > 0.9
     volume = np.random.default_rng(15).random((8, 12, 10), dtype=np.float32)
     tta_3d = predict(model_3d, volume, tile=16, tta=True, **options)

@@ -1,6 +1,6 @@
 """A prediction-only copy of a UNet that needs less memory: same outputs, fewer big tensors alive.
 
-Two rewrites, both exact up to float rounding:
+Three rewrites, all exact up to float rounding:
 
 * batch norm after a convolution is folded into the convolution's weights (eval mode: the norm is
   an affine map), so no separate normalised copy of each feature map is made;
