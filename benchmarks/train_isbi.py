@@ -55,7 +55,6 @@ def benchmark_parser(description: str, data: Path, name: str) -> argparse.Argume
     parser.add_argument("--depth", type=int, default=cli.DEFAULT_DEPTH)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--loss", default=defaults.loss)
-    parser.add_argument("--save", type=Path, default=None, help="also save the trained model's state_dict here")
     return parser
 
 
@@ -78,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--device", default="cpu", help="training device (the figures of the issue are CPU ones)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--save", type=Path, default=None, help="also save the trained model's state_dict here")
     return parser.parse_args(argv)
 
 
@@ -133,10 +133,10 @@ def first_time_reaching(history: dict, class_index: int, threshold: float) -> fl
     return None
 
 
-def score(model, images: np.ndarray, labels: np.ndarray, tta: bool, threshold: float = 0.5) -> dict:
+def score(model, images: np.ndarray, labels: np.ndarray, tta: bool) -> dict:
     start = time.perf_counter()
     probabilities = inference.predict(model, images, tta=tta, device=SCORE_DEVICE)
-    prediction = inference.probabilities_to_labels(probabilities, threshold=threshold)
+    prediction = inference.probabilities_to_labels(probabilities)
     result = metrics.evaluate_segmentation(prediction, labels, n_classes=2, per_slice=True)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
@@ -204,12 +204,13 @@ def main(argv=None) -> int:
         augment=not args.no_augment, seed=args.seed, device=args.device, ema_decay=args.ema_decay,
         weight_decay=args.weight_decay,
     )
-    model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
-    if args.dropout:
+    if args.dropout:  # a model option the CLI does not expose
         from napari_unet.models import build_model
 
         model = build_model(args.model, in_channels=1, out_channels=1, width=args.width, depth=args.depth,
                             dropout=args.dropout)
+    else:
+        model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
 
     def dice_text(dice) -> str:
         return f"membrane {dice[MEMBRANE]:.4f}  cell {dice[CELL]:.4f}"
