@@ -81,7 +81,6 @@ def images_2d(compile_model: bool) -> dict:
                   engine_seconds=round(elapsed, 2), engine_images_per_s=round(256 / elapsed, 1))
     print(f"2D w64 bf16 512x512: forward {result['forward_images_per_s']} images/s, "
           f"predict() {result['engine_images_per_s']} images/s", flush=True)
-    model.to("cpu")
     return result
 
 
@@ -107,7 +106,6 @@ def volume_3d() -> list[dict]:
             print(f"3D {row['model']} 256^3 {precision}: {row['seconds']} s, tile {row['tile']} "
                   f"batch {row['batch']}, peak GPU {row['peak_gpu_mib']} MiB", flush=True)
             rows.append(row)
-        model.to("cpu")
     return rows
 
 

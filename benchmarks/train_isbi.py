@@ -33,7 +33,6 @@ RESULTS = REPO / "benchmarks" / "results"
 TRAIN_SLICES = slice(0, 20)
 VAL_SLICES = slice(20, 24)
 MEMBRANE, CELL = 0, 1
-SCORE_DEVICE = "cpu"  # where the final scoring predicts (main sets the training device)
 
 
 def machine_info() -> dict:
@@ -100,8 +99,8 @@ def train_and_score(model, config, train_images, train_labels, val_images, val_l
         "trainer": trainer,
         "cpu_seconds": cpu_seconds,
         "steps_per_second": trainer.step / max(trainer.history["elapsed"][-1], 1e-9),
-        "final": score(trainer.model, val_images, val_labels, tta=False),
-        "final_tta": score(trainer.model, val_images, val_labels, tta=True),
+        "final": score(trainer.model, val_images, val_labels, tta=False, device=config.device),
+        "final_tta": score(trainer.model, val_images, val_labels, tta=True, device=config.device),
     }
 
 
@@ -133,9 +132,9 @@ def first_time_reaching(history: dict, class_index: int, threshold: float) -> fl
     return None
 
 
-def score(model, images: np.ndarray, labels: np.ndarray, tta: bool) -> dict:
+def score(model, images: np.ndarray, labels: np.ndarray, tta: bool, device: str = "cpu") -> dict:
     start = time.perf_counter()
-    probabilities = inference.predict(model, images, tta=tta, device=SCORE_DEVICE)
+    probabilities = inference.predict(model, images, tta=tta, device=device)
     prediction = inference.probabilities_to_labels(probabilities)
     result = metrics.evaluate_segmentation(prediction, labels, n_classes=2, per_slice=True)
     result["seconds"] = round(time.perf_counter() - start, 2)
@@ -145,9 +144,9 @@ def score(model, images: np.ndarray, labels: np.ndarray, tta: bool) -> dict:
 THRESHOLDS = np.round(np.arange(0.30, 0.701, 0.02), 2)
 
 
-def threshold_sweep(model, images: np.ndarray, labels: np.ndarray) -> dict:
+def threshold_sweep(model, images: np.ndarray, labels: np.ndarray, device: str = "cpu") -> dict:
     """Cell Dice, membrane Dice and pixel error (8-fold TTA) at each cell-probability threshold."""
-    probabilities = inference.predict(model, images, tta=True, device=SCORE_DEVICE)
+    probabilities = inference.predict(model, images, tta=True, device=device)
     sweep = {}
     for threshold in THRESHOLDS:
         prediction = inference.probabilities_to_labels(probabilities, threshold=float(threshold))
@@ -190,8 +189,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    global SCORE_DEVICE
-    SCORE_DEVICE = args.device
     images = io.read_image(args.data / "train-volume.tif")
     labels = io.read_labels(args.data / "train-labels.tif")
     train_images, train_labels = images[TRAIN_SLICES], labels[TRAIN_SLICES]
@@ -217,8 +214,8 @@ def main(argv=None) -> int:
 
     run = train_and_score(model, config, train_images, train_labels, val_images, val_labels, dice_text)
     # where would another cell-probability threshold put the figures? (chosen on the training slices)
-    on_train = threshold_sweep(run["trainer"].model, train_images, train_labels)
-    on_val = threshold_sweep(run["trainer"].model, val_images, val_labels)
+    on_train = threshold_sweep(run["trainer"].model, train_images, train_labels, args.device)
+    on_val = threshold_sweep(run["trainer"].model, val_images, val_labels, args.device)
     chosen = min(on_train, key=lambda t: on_train[t]["pixel_error"])
     run["thresholds"] = {"chosen_on_train_slices": float(chosen), "at_chosen_on_val": on_val[chosen],
                          "train": on_train, "val": on_val}

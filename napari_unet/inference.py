@@ -184,17 +184,13 @@ def predict(
     plan = _initial_plan(model, layout, tile, batch_size, torch_device)
     n_classes = max(2, int(model.out_channels))
     target = _prepare_output(out, layout.output_shape(n_classes))
-    if target is None and result_dtype != np.float32 and not _is_dask(image):
-        # a float16 array to stream finished slabs into; the running sums stay float32
-        target = np.zeros(layout.output_shape(n_classes), dtype=result_dtype)
 
     engine = _predict_dask if _is_dask(image) else _predict_array
     lean = _lean_model(model)
 
     def run(current_plan: TilePlan, current_device: torch.device) -> Any:
-        options = {"result_dtype": result_dtype} if engine is _predict_dask else {}
         return engine(lean, image, layout, current_plan, stats, overlap, blend, current_device,
-                      precision, tta, progress, cancel, target, **options)
+                      precision, tta, progress, cancel, target, result_dtype)
 
     def cpu_plan() -> TilePlan:
         return _initial_plan(model, layout, tile, batch_size, torch.device("cpu"))
@@ -568,8 +564,10 @@ def _predict_array(
     model: nn.Module, image: Any, layout: _Layout, plan: TilePlan, stats: dict | None,
     overlap: float, blend: str, device: torch.device, precision: str, tta: bool,
     progress: ProgressCallback | None, cancel: CancelCallback | None, target: Any,
+    result_dtype: np.dtype = np.dtype(np.float32),
 ) -> Any:
-    """Tiled prediction of a NumPy or zarr image into ``target`` (allocated here when None)."""
+    """Tiled prediction of a NumPy or zarr image into ``target`` (allocated here, of
+    ``result_dtype``, when None)."""
     grid = layout.grid
     multiples = _axis_multiples(model, plan.tile)
     # never larger than the (padded) image: dask blocks can be smaller than the planned tile
@@ -583,6 +581,9 @@ def _predict_array(
     windows = [gaussian_window(t, blend) for t in tile]
     window = windows[0][:, None, None] * windows[1][None, :, None] * windows[2][None, None, :]
     weight_sums = _weight_sums(grid, tile, starts_per_axis, windows)
+    if target is None and result_dtype != np.float32:
+        # float16: finished slabs stream into the result; the running sums stay float32
+        target = np.zeros(layout.output_shape(n_classes), dtype=result_dtype)
     if target is None:
         # in memory, the result array itself holds the running sums: no second full-size buffer
         target = np.zeros(layout.output_shape(n_classes), dtype=np.float32)
@@ -677,7 +678,7 @@ def _channels_last(spatial_dims: int) -> torch.memory_format:
 
 
 # original model -> (its weights' identity and versions, its lean copy): a rerun with unchanged
-# weights reuses the copy (already on the device); a weak key, so a dropped model takes its copy along
+# weights reuses the copy; a weak key, so a dropped model takes its copy along
 _LEAN_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

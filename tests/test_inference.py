@@ -506,7 +506,6 @@ def test_cuda_prediction_matches_cpu_and_releases_memory(model_2d, exact_cuda_fp
     np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
     mixed = predict(model_2d, image, tile=64, device="cuda")  # bf16/fp16 autocast
     assert _dice(mixed[1] >= 0.5, on_cpu[1] >= 0.5) > 0.99
-    model_2d.to("cpu")
 
 
 def test_the_lean_prediction_copy_is_reused_until_the_weights_change():
@@ -543,11 +542,10 @@ def test_real_cuda_out_of_memory_halves_the_batch_and_stays_on_the_gpu(caplog):
     retries = [r.getMessage() for r in caplog.records if "out of memory with" in r.getMessage()]
     assert retries and "batch_size=32" in retries[0]
     np.testing.assert_allclose(probs, reference, atol=5e-3)  # TF32 convolutions, other batch sizes
-    # nothing but the prediction copy's weights stays allocated; what stays reserved is the slack of
-    # the allocator's segments that hold those weights (at most one 20 MiB large-block segment)
+    # at most the prediction copy's weights stay allocated (it now goes back to the CPU), and at most
+    # one 20 MiB large-block segment of slack stays reserved
     assert torch.cuda.memory_allocated() - before <= _cuda_block_bytes(inference._lean_model(model))
     assert torch.cuda.memory_reserved() <= torch.cuda.memory_allocated() + 20 * 2**20
-    model.to("cpu")
 
 
 @pytest.mark.gpu
@@ -562,7 +560,6 @@ def test_cuda_3d_prediction_with_automatic_tiles_matches_cpu(model_3d, exact_cud
     assert _dice(on_gpu[1] >= 0.5, on_cpu[1] >= 0.5) > 0.99
     automatic = predict(model_3d, image, device="cuda")  # tile, batch and bf16/fp16 chosen for the GPU
     assert _dice(automatic[1] >= 0.5, on_cpu[1] >= 0.5) > 0.98
-    model_3d.to("cpu")
 
 
 def test_float16_probabilities_match_float32_for_numpy_and_dask(model_2d, model_3d):
