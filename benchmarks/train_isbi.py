@@ -76,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--device", default="cpu", help="training device (the figures of the issue are CPU ones)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-label-offset", action="store_true", help="do not measure the labels' sub-pixel offset")
     parser.add_argument("--save", type=Path, default=None, help="also save the trained model's state_dict here")
     return parser.parse_args(argv)
 
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
         loss_options=args.loss_options, border_weights=bool(args.border_weights), batch_size=args.batch_size, patch_size=args.patch_size,
         learning_rate=args.lr, loss=args.loss, amp=args.amp, warmup_steps=args.warmup_steps,
         augment=not args.no_augment, seed=args.seed, device=args.device, ema_decay=args.ema_decay,
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay, fit_label_offset=not args.no_label_offset,
     )
     if args.dropout:  # a model option the CLI does not expose
         from napari_unet.models import build_model

@@ -6,7 +6,8 @@ A checkpoint is a ``torch.save`` of plain containers only::
      "config": {...},            # build_model(**config) rebuilds the architecture
      "state_dict": {...},        # CPU tensors
      "normalization": {...},     # the spec (method, low, high); stats are recomputed per image
-     "class_names": [...], "history": {...}, "provenance": {...}, "extra": {...}}
+     "class_names": [...], "history": {...}, "provenance": {...}, "extra": {...},
+     "label_offset": [...]}       # pixels per spatial axis (label_offset.py); absent = zeros
 
 Loading uses ``torch.load(..., weights_only=True)`` only, so a file holding Python objects that
 could run code is refused before anything in it executes.
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from .io import DEFAULT_NORMALIZATION, NORMALIZATION_METHODS
+from .label_offset import model_offset, validate_offset
 
 FORMAT_NAME = "napari-unet-checkpoint"
 FORMAT_VERSION = 1
@@ -56,6 +58,7 @@ class Checkpoint:
     history: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    label_offset: tuple[float, ...] = ()
     path: Path | None = None
 
 
@@ -101,6 +104,7 @@ def save_checkpoint(
         "history": _plain(dict(history or {}), "history"),
         "provenance": _plain(_provenance(provenance), "provenance"),
         "extra": _plain(dict(extra or {}), "extra"),
+        "label_offset": _saved_offset(model),
     }
     _atomic_torch_save(payload, path)
     return path
@@ -132,6 +136,13 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         _strip_wrapper_prefixes(name): tensor.detach().to("cpu", copy=True)
         for name, tensor in model.state_dict().items()
     }
+
+
+def _saved_offset(model: nn.Module) -> list[float]:
+    try:
+        return list(model_offset(model))
+    except ValueError as error:
+        raise CheckpointError(f"cannot save the model's {error}") from None
 
 
 def _normalization_spec(spec: dict | None) -> dict:
@@ -262,11 +273,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
     model = _rebuild_model(config, payload["state_dict"], path)
     normalization = _normalization_spec(payload.get("normalization"))
     class_names = _loaded_class_names(payload.get("class_names"), config, path)
+    offset = _loaded_offset(payload.get("label_offset"), model, path)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)  # the weights were loaded there; keep the model with them
     model.eval()
     model.normalization = normalization
     model.class_names = class_names
+    model.label_offset = offset
     return Checkpoint(
         model=model,
         config=config,
@@ -276,6 +289,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
         provenance=dict(payload.get("provenance") or {}),
         extra=dict(payload.get("extra") or {}),
         path=path,
+        label_offset=offset,
     )
 
 
@@ -361,6 +375,16 @@ def _check_payload(payload: Any, path: Path) -> None:
             raise CheckpointError(f"checkpoint {path.name} is incomplete: its {key.replace('_', ' ')} is missing")
 
 
+def _loaded_offset(value: Any, model: nn.Module, path: Path) -> tuple[float, ...]:
+    dims = int(model.spatial_dims)
+    if value is None:  # written before offsets were measured
+        return (0.0,) * dims
+    try:
+        return validate_offset(value, dims)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path.name} is damaged: its {error}") from None
+
+
 def _rebuild_model(config: dict, state_dict: dict, path: Path) -> nn.Module:
     from .models import available_models, build_model
 
@@ -441,6 +465,10 @@ def describe_checkpoint(ckpt: Checkpoint) -> str:
     best_dice = best_validation_dice(ckpt.history)
     if best_dice is not None:
         lines.append(f"best validation Dice (mean over classes): {best_dice:.3f}")
+    if any(ckpt.label_offset):
+        axes = "zyx"[-len(ckpt.label_offset):]
+        shifts = ", ".join(f"{axis} {value:+.2f}" for axis, value in zip(axes, ckpt.label_offset))
+        lines.append(f"label offset: {shifts} px (where the training labels sit; applied to predictions)")
     spec = ckpt.normalization
     if spec.get("method") == "percentile":
         lines.append(f"normalisation: percentiles {spec.get('low')}-{spec.get('high')}")

@@ -191,7 +191,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         patch_size=args.patch_size, batch_size=args.batch_size, learning_rate=args.lr,
         steps=args.steps, time_budget=args.time_budget, loss=args.loss, augment=not args.no_augment,
         schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=args.device,
-        seed=args.seed,
+        seed=args.seed, fit_label_offset=not args.no_label_offset,
     )
     progress = _ProgressBar(config, enabled=not args.quiet)
     trainer = train_model(model, image, labels, config=config, val_images=val_images, val_labels=val_labels,
@@ -380,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=defaults.schedule, help=f"learning-rate schedule (default {defaults.schedule})")
     train.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp, help="mixed precision (default auto: on for CUDA)")
     train.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    train.add_argument("--no-label-offset", action="store_true",
+                       help="do not measure the sub-pixel offset of the labels from the image (see README)")
     train.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)

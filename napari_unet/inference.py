@@ -61,6 +61,7 @@ import torch.nn as nn
 
 from . import devices
 from . import io as image_io
+from . import label_offset as offsets
 from .models.lean import lean_inference_copy
 
 __all__ = [
@@ -142,6 +143,7 @@ def predict(
     out: Any = None,
     normalization: dict | bool | None = None,
     dtype: str | np.dtype = "float32",
+    label_offset: Sequence[float] | None = None,
 ) -> Any:
     """Predict class probabilities for ``image`` with a sliding window.
 
@@ -171,6 +173,8 @@ def predict(
             ``lo``/``hi``; False = the image is already normalised.
         dtype: ``"float32"`` or ``"float16"``, the returned probabilities' type when ``out`` is None.
             float16 halves the result's memory (tiles are still blended in float32; values to ~5e-4).
+        label_offset: pixels per spatial axis to move the probabilities by, to where the training
+            annotations sit (``label_offset.py``); None = the model's own ``label_offset`` (none: 0).
 
     Returns:
         Probabilities ``(n_classes, *spatial)``: a NumPy array of ``dtype``, or ``out`` when given.
@@ -180,6 +184,8 @@ def predict(
     result_dtype = _result_dtype(dtype)
     layout = _input_layout(image, model)
     stats = _normalization_stats(model, image, normalization)
+    offset = (offsets.model_offset(model) if label_offset is None
+              else offsets.validate_offset(label_offset, int(model.spatial_dims)))
     torch_device = devices.resolve_device(device)
     plan = _initial_plan(model, layout, tile, batch_size, torch_device)
     n_classes = max(2, int(model.out_channels))
@@ -190,7 +196,7 @@ def predict(
 
     def run(current_plan: TilePlan, current_device: torch.device) -> Any:
         return engine(lean, image, layout, current_plan, stats, overlap, blend, current_device,
-                      precision, tta, progress, cancel, target, result_dtype)
+                      precision, tta, progress, cancel, target, result_dtype, offset)
 
     def cpu_plan() -> TilePlan:
         return _initial_plan(model, layout, tile, batch_size, torch.device("cpu"))
@@ -564,10 +570,10 @@ def _predict_array(
     model: nn.Module, image: Any, layout: _Layout, plan: TilePlan, stats: dict | None,
     overlap: float, blend: str, device: torch.device, precision: str, tta: bool,
     progress: ProgressCallback | None, cancel: CancelCallback | None, target: Any,
-    result_dtype: np.dtype = np.dtype(np.float32),
+    result_dtype: np.dtype = np.dtype(np.float32), offset: Sequence[float] = (),
 ) -> Any:
     """Tiled prediction of a NumPy or zarr image into ``target`` (allocated here, of
-    ``result_dtype``, when None)."""
+    ``result_dtype``, when None), each tile moved by the annotation ``offset``."""
     grid = layout.grid
     multiples = _axis_multiples(model, plan.tile)
     # never larger than the (padded) image: dask blocks can be smaller than the planned tile
@@ -606,6 +612,8 @@ def _predict_array(
         if model.spatial_dims == 2:
             inputs = inputs[:, :, 0]  # (N, C, 1, Y, X) -> (N, C, Y, X)
         probs = _run_batch(model, inputs, device, dtype, tta)
+        if any(offset):  # per tile: the blending window hides the repeated tile edge
+            probs = offsets.apply_offset(torch.from_numpy(probs), offset).numpy()
         if model.spatial_dims == 2:
             probs = probs[:, :, np.newaxis]
         for start, tile_probs in zip(batch_tiles, probs):
@@ -875,7 +883,7 @@ def _predict_dask(
     model: nn.Module, image: Any, layout: _Layout, plan: TilePlan, stats: dict | None,
     overlap: float, blend: str, device: torch.device, precision: str, tta: bool,
     progress: ProgressCallback | None, cancel: CancelCallback | None, target: Any,
-    result_dtype: np.dtype = np.dtype(np.float32),
+    result_dtype: np.dtype = np.dtype(np.float32), offset: Sequence[float] = (),
 ) -> Any:
     """Prediction mapped over dask chunks with ``map_overlap``, so a dask cluster can run it.
 
@@ -905,7 +913,7 @@ def _predict_dask(
         numblocks = block_info[0]["num-chunks"]
         inner = _predict_array(model, block, _Layout(0, (1, 2, 3), block.shape[1:], False),
                                plan, None, overlap, blend, device, precision, tta, None, cancel,
-                               None)
+                               None, np.dtype(np.float32), offset)
         crop = [slice(None)]
         for axis in range(1, 4):
             before = halo[axis] if location[axis] > 0 else 0

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import devices, io, losses, metrics
+from . import devices, io, label_offset, losses, metrics
 from .data import AugmentConfig, DataError, PatchSampler, Sample, make_samples, split_validation
 
 __all__ = [
@@ -44,6 +44,10 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 # validation predicts whole samples up to this many pixels (2D) / voxels (3D) at once; bigger
 # ones go through the tiled inference engine
 _WHOLE_SAMPLE_PIXELS = {2: 2048 * 2048, 3: 128**3}
+# training pixels (voxels) the label offset is measured on: at each validation (about half the
+# cost of validating four 512^2 slices), and once more for the kept weights at the end
+_OFFSET_PIXELS_DURING = 2**19
+_OFFSET_PIXELS_FINAL = 2**21
 
 
 class TrainingError(ValueError):
@@ -81,6 +85,9 @@ class TrainConfig:
         corrected pixels teach what was wrong, the rest keeps what the model already got right
         (self-distillation); without it, strokes that are nearly all one class teach "that
         class everywhere". 0 = unlabelled pixels are ignored.
+    fit_label_offset: measure the sub-pixel offset between the training labels and the image
+        (``label_offset.py``) at every validation and at the end, and keep it with the model so
+        validation and ``predict`` place boundaries where the annotations do.
     """
 
     patch_size: int | tuple[int, ...] | None = None
@@ -111,6 +118,7 @@ class TrainConfig:
     border_w0: float = 10.0
     border_sigma: float = 5.0
     anchor_weight: float = 0.0
+    fit_label_offset: bool = True
 
     def check(self) -> None:
         """Raise TrainingError (one plain sentence) for settings that cannot work."""
@@ -253,6 +261,8 @@ class Trainer:
         self._stale_validations = 0
         self._generator = torch.Generator().manual_seed(int(self.config.seed))
         self._evaluated = model  # the model validation and previews use (an EMA copy during run())
+        self._label_offset = label_offset.model_offset(model)  # of the evaluated weights
+        self._best_offset = self._label_offset
         self.model.normalization = dict(self.normalization)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -448,6 +458,7 @@ class Trainer:
         self.model.train()
         averaged = _WeightAverage(self.model, config.ema_decay)
         self._evaluated = averaged.model
+        self._evaluated.label_offset = self._label_offset
 
         run_steps = 0
         throughput = None
@@ -516,8 +527,12 @@ class Trainer:
             # without validation the last (averaged) weights are kept
             self._best_state = _state_copy(averaged.model) if averaged.model is not self.model else None
         self.history["stop_reason"] = reason
-        self._elapsed_before = self._elapsed(time.perf_counter(), start)
         self._restore_best()
+        if run_steps and not reason.startswith("stopped by user"):
+            self._best_offset = self._measure_label_offset(self.model, _OFFSET_PIXELS_FINAL)
+            self.model.label_offset = self._best_offset
+        self.history["label_offset"] = list(self._best_offset)
+        self._elapsed_before = self._elapsed(time.perf_counter(), start)
         message = reason
         if self.history["best_val_dice"] is not None and self._best_score > best_before:
             message += f"; best validation mean Dice {self._best_score:.4f} at step {self.history['best_step']}"
@@ -581,9 +596,9 @@ class Trainer:
         return waited >= max(self.config.val_interval, 7.0 * last_cost)
 
     @torch.no_grad()
-    def _predict_sample_logits(self, sample: Sample) -> torch.Tensor:
-        """Logits-like scores (C, *spatial) of a whole held-out sample, in eval mode."""
-        model = self._evaluated
+    def _predict_sample_logits(self, sample: Sample, model: nn.Module | None = None) -> torch.Tensor:
+        """Logits-like scores (C, *spatial) of a whole sample (no label offset), in eval mode."""
+        model = self._evaluated if model is None else model
         autocast, _ = self._autocast()
         image = sample.image
         if int(np.prod(sample.spatial_shape)) <= _WHOLE_SAMPLE_PIXELS[self.spatial_dims]:
@@ -594,9 +609,12 @@ class Trainer:
                 return model(batch)[0].float()
         from .inference import predict
 
-        probabilities = predict(model, image, normalization=False, device=self.device)
-        # probabilities (n_classes, *spatial) -> something _to_classes understands
-        return torch.from_numpy(np.asarray(probabilities)).log()
+        probabilities = predict(model, image, normalization=False, device=self.device,
+                                label_offset=(0.0,) * self.spatial_dims)
+        # probabilities (n_classes, *spatial) -> log-probabilities; a (1, Y, X) image came back
+        # as a one-slice stack, (n_classes, 1, Y, X)
+        probabilities = np.asarray(probabilities).reshape(-1, *sample.spatial_shape)
+        return torch.from_numpy(probabilities).clamp_min(1e-12).log()
 
     def _validate(self, start: float, ignore_stop: bool = False) -> TrainEvent | None:
         model = self._evaluated
@@ -604,11 +622,15 @@ class Trainer:
         model.eval()
         predictions, targets, weights = [], [], []
         try:
+            if self._stop_event.is_set() and not ignore_stop:
+                return None
+            offset = self._measure_label_offset(model, _OFFSET_PIXELS_DURING)
+            model.label_offset = offset
             for sample in self.val_samples:
                 if self._stop_event.is_set() and not ignore_stop:
                     return None
-                scores = self._predict_sample_logits(sample)
-                classes = _to_classes(scores[None])[0]
+                probabilities = _probabilities(self._predict_sample_logits(sample))
+                classes = _to_classes(label_offset.apply_offset(probabilities[None], offset))[0]
                 predictions.append(classes.cpu().numpy().ravel())
                 targets.append(sample.labels.ravel())
                 weights.append(sample.weights.ravel())
@@ -628,6 +650,7 @@ class Trainer:
         if score > self._best_score:
             self._best_score = score
             self._best_state = _state_copy(model)
+            self._best_offset = offset
             self.history["best_step"] = self._step
             self.history["best_val_dice"] = dice
             self._stale_validations = 0
@@ -637,6 +660,21 @@ class Trainer:
                 self._lr_scale *= self.config.plateau_factor
         return TrainEvent("validation", self._step, elapsed, dice=dice, iou=iou,
                           message=f"validation mean Dice {score:.4f}")
+
+    def _measure_label_offset(self, model: nn.Module, pixel_budget: int) -> tuple[float, ...]:
+        """The label offset of ``model`` on up to ``pixel_budget`` training pixels (label_offset.py).
+
+        Whole samples spread evenly over the training set (a bigger one is cut along its first
+        axis). Without ``fit_label_offset`` the offset stays what the model came with.
+        """
+        current = self._label_offset
+        if not self.config.fit_label_offset:
+            return current
+        samples = _spread_subset([s for s in self.train_samples if s.labelled_pixels], pixel_budget)
+        probabilities = [_probabilities(self._predict_sample_logits(s, model)) for s in samples]
+        self._label_offset = label_offset.estimate_offset(
+            probabilities, [s.labels for s in samples], [s.weights for s in samples], current)
+        return self._label_offset
 
     def _early_stop_due(self) -> bool:
         patience = self.config.early_stopping_patience
@@ -656,9 +694,38 @@ class Trainer:
     def _restore_best(self) -> None:
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
+        self.model.label_offset = self._best_offset
         self.model.eval()
         if self.spatial_dims == 2:
             self.model.to(memory_format=torch.contiguous_format)
+
+
+def _probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Logits (or log-probabilities) (C, *spatial) -> probabilities with at least two channels."""
+    if scores.shape[0] == 1:
+        foreground = torch.sigmoid(scores.float())
+        return torch.cat([1 - foreground, foreground])
+    return torch.softmax(scores.float(), dim=0)
+
+
+def _spread_subset(samples: list[Sample], pixel_budget: int) -> list[Sample]:
+    """About ``pixel_budget`` pixels of samples spread evenly over ``samples``; a sample bigger
+    than the budget is cut to it along its first axis, around its middle."""
+    if not samples:
+        return []
+    mean_pixels = float(np.mean([np.prod(s.spatial_shape) for s in samples]))
+    count = int(min(len(samples), max(1, pixel_budget // mean_pixels)))
+    picks = sorted(set(np.linspace(0, len(samples) - 1, count).round().astype(int)))
+    return [_cut_to_budget(samples[i], pixel_budget) for i in picks]
+
+
+def _cut_to_budget(sample: Sample, pixel_budget: int) -> Sample:
+    pixels = int(np.prod(sample.spatial_shape))
+    if pixels <= pixel_budget:
+        return sample
+    keep = max(1, pixel_budget * sample.spatial_shape[0] // pixels)
+    part = slice((sample.spatial_shape[0] - keep) // 2, (sample.spatial_shape[0] + keep) // 2)
+    return Sample(sample.image[:, part], sample.labels[part], sample.weights[part])
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -87,6 +87,27 @@ def test_defaults_for_a_binary_3d_model(tmp_path):
     assert checkpoint.model.spatial_dims == 3
 
 
+def test_label_offset_round_trip_and_damaged_values(tmp_path):
+    model = _tiny_model()
+    assert load_checkpoint(save_checkpoint(tmp_path / "plain.pt", model)).label_offset == (0.0, 0.0)
+    model.label_offset = (-0.5, 0.25)
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path / "moved.pt", model))
+    assert checkpoint.label_offset == checkpoint.model.label_offset == (-0.5, 0.25)
+    assert "label offset: y -0.50, x +0.25 px" in describe_checkpoint(checkpoint)
+    # written before offsets existed: none; a damaged value: refused with a plain message
+    raw = torch.load(tmp_path / "moved.pt", weights_only=True)
+    del raw["label_offset"]
+    torch.save(raw, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").model.label_offset == (0.0, 0.0)
+    raw["label_offset"] = [0.5, float("nan")]
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt is damaged: its label_offset"):
+        load_checkpoint(tmp_path / "bad.pt")
+    model.label_offset = (3.0, 0.0)
+    with pytest.raises(CheckpointError, match="label_offset"):
+        save_checkpoint(tmp_path / "x.pt", model)
+
+
 def test_save_is_atomic_and_strips_compile_prefix(tmp_path, tiny_unet):
     model = tiny_unet
 

@@ -385,3 +385,62 @@ def test_cuda_3d_training_runs_with_mixed_precision():
                       config=config(steps=6, patch_size=16, batch_size=2, device="cuda", amp="auto"))
     assert all(np.isfinite(step_losses(trainer.run())))
     assert next(trainer.model.parameters()).device.type == "cuda"
+
+
+class _SharpThreshold(torch.nn.Module):
+    """Predicts ``image > 0.5`` sharply; trained with a negligible learning rate it stays so."""
+
+    spatial_dims, in_channels, out_channels = 2, 1, 1
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return self.gain * (x - 0.5)
+
+
+def _labels_one_pixel_below(n=6, size=64):
+    """Smooth images in [0, 1] and labels of ``image > 0.5`` drawn one pixel lower (+1 in y)."""
+    from scipy import ndimage as ndi
+
+    field = ndi.gaussian_filter(np.random.default_rng(4).random((n, size, size)), (0, 3, 3))
+    images = ((field - field.min()) / np.ptp(field)).astype(np.float32)
+    labels = (ndi.shift(images, (0, 1, 0), order=1, mode="nearest") > 0.5).astype(np.uint8)
+    return images, labels
+
+
+def test_the_trainer_finds_the_label_offset_and_predict_applies_it(tmp_path):
+    from napari_unet.inference import predict
+
+    images, labels = _labels_one_pixel_below()
+    settings = dict(steps=1, learning_rate=1e-12, augment=False, val_fraction=0.34, val_every=1, ema_decay=None)
+    runs = {}
+    for fit in (False, True):
+        trainer = Trainer(_SharpThreshold(), images, labels, normalization={"method": "none"},
+                          config=config(fit_label_offset=fit, **settings))
+        trainer.fit()
+        runs[fit] = trainer
+    assert runs[False].model.label_offset == (0.0, 0.0)
+    assert runs[True].model.label_offset == (1.0, 0.0)
+    assert runs[True].history["label_offset"] == [1.0, 0.0]
+    # validation scores the prediction where the labels sit
+    assert min(runs[True].history["val_dice"][-1]) > min(runs[False].history["val_dice"][-1]) + 0.02
+
+    model = runs[True].model
+    moved = predict(model, images[0], device="cpu")
+    plain = predict(model, images[0], device="cpu", label_offset=(0.0, 0.0))
+    np.testing.assert_allclose(moved[1, 1:], plain[1, :-1], atol=1e-4)
+    assert ((moved[1] >= 0.5) != labels[0]).mean() < 0.5 * ((plain[1] >= 0.5) != labels[0]).mean()
+
+
+def test_a_few_corrections_keep_the_offset_the_model_came_with():
+    images, labels = _labels_one_pixel_below()
+    weights = np.zeros(labels.shape, np.float32)
+    weights[:, 30:34, 30:34] = 1  # 16 pixels per slice: too few to say where boundaries sit
+    model = _SharpThreshold()
+    model.label_offset = (-0.5, 0.25)
+    trainer = Trainer(model, images, labels, weights, normalization={"method": "none"},
+                      config=config(steps=1, learning_rate=1e-12, augment=False, ema_decay=None))
+    trainer.fit()
+    assert trainer.model.label_offset == (-0.5, 0.25)
