@@ -118,6 +118,7 @@ def result_record(benchmark: str, script: str, argv, args: argparse.Namespace, c
         "steps": trainer.step,
         "steps_per_second": round(run["steps_per_second"], 3),
         "best_step": history["best_step"],
+        "label_offset": list(getattr(trainer.model, "label_offset", ()) or ()),
         "final": run["final"],
         "final_tta": run["final_tta"],
         **({"thresholds": run["thresholds"]} if "thresholds" in run else {}),

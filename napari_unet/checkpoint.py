@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .io import DEFAULT_NORMALIZATION, NORMALIZATION_METHODS
-from .label_offset import model_offset, validate_offset
+from .label_offset import describe_offset, model_offset, validate_offset
 
 FORMAT_NAME = "napari-unet-checkpoint"
 FORMAT_VERSION = 1
@@ -466,9 +466,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> str:
     if best_dice is not None:
         lines.append(f"best validation Dice (mean over classes): {best_dice:.3f}")
     if any(ckpt.label_offset):
-        axes = "zyx"[-len(ckpt.label_offset):]
-        shifts = ", ".join(f"{axis} {value:+.2f}" for axis, value in zip(axes, ckpt.label_offset))
-        lines.append(f"label offset: {shifts} px (where the training labels sit; applied to predictions)")
+        lines.append(describe_offset(ckpt.label_offset))
     spec = ckpt.normalization
     if spec.get("method") == "percentile":
         lines.append(f"normalisation: percentiles {spec.get('low')}-{spec.get('high')}")

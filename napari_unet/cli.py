@@ -204,7 +204,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     best = trainer.history.get("best_val_dice")
     summary = {"output": str(output), "steps": trainer.step,
                "seconds": round(trainer.history["elapsed"][-1], 1) if trainer.history["elapsed"] else 0.0,
-               "best_val_dice_per_class": best}
+               "best_val_dice_per_class": best, "label_offset": list(trainer.history.get("label_offset") or [])}
     print(json.dumps(summary))
     return 0
 

@@ -1,14 +1,15 @@
-"""Where the annotations sit relative to the image: a sub-pixel offset measured after training.
+"""Where the annotations sit relative to the image: a sub-pixel offset measured while training.
 
 Labels are not always drawn exactly on the image's pixels: ISBI 2012's membrane labels lie about
-half a pixel above the dark membranes they trace (and a quarter pixel to the left), so every
-boundary row of every membrane disagrees with them. A model trained with flips and 90-degree
-rotations cannot learn such an offset (a flip turns it around), so it predicts boundaries centred
-on the image. The trainer therefore measures, on its training labels, the shift of the model's
-probabilities that matches those labels best, stores it with the model (``model.label_offset``, one
-number of pixels per spatial axis) and ``inference.predict`` applies it. On held-out ISBI slices this
-lowered the pixel error from 0.0729 to 0.069 (benchmarks/results/TRAINING.md). Labels that are
-registered to the image give an offset of 0, which changes nothing.
+half a pixel above the dark membranes they trace (and a quarter pixel to the left), so one edge row
+of every membrane disagrees with them. A model trained with flips and 90-degree rotations cannot
+learn such an offset (a flip turns it around), so it predicts boundaries centred on the image.
+
+The trainer therefore measures, on its training labels, the shift of the model's probabilities
+that matches those labels best (``estimate_offset``), stores it with the model
+(``model.label_offset``, pixels per spatial axis, saved in checkpoints), and validation and
+``inference.predict`` move the probabilities by it (``apply_offset``). Labels registered to the image
+give an offset of 0, which changes nothing. ISBI figures: benchmarks/results/TRAINING.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MAX_OFFSET", "apply_offset", "estimate_offset", "model_offset", "shift_maps", "validate_offset"]
+__all__ = [
+    "MAX_OFFSET", "apply_offset", "describe_offset", "estimate_offset", "model_offset", "shift_maps",
+    "validate_offset",
+]
 
 # Offsets are searched on this grid (pixels, per axis); larger misregistrations are not annotation
 # conventions but wrong data, and finer steps gain nothing measurable.
@@ -54,6 +58,15 @@ def model_offset(model: Any) -> tuple[float, ...]:
     dims = int(model.spatial_dims)
     value = getattr(model, "label_offset", None)
     return (0.0,) * dims if value is None else validate_offset(value, dims)
+
+
+def describe_offset(offset: Sequence[float]) -> str:
+    """One line for the widgets and the CLI ("" for no offset)."""
+    if not any(offset):
+        return ""
+    axes = "zyx"[-len(offset):]
+    shifts = ", ".join(f"{axis} {value:+.2f}" for axis, value in zip(axes, offset))
+    return f"label offset: {shifts} px (where the training labels sit; applied to predictions)"
 
 
 def apply_offset(probabilities: torch.Tensor, offset: Sequence[float]) -> torch.Tensor:
@@ -109,11 +122,14 @@ def estimate_offset(
         weight = np.asarray(weight, dtype=np.float32)[inner]
         if not weight.any():
             continue
-        targets.append(torch.from_numpy(np.asarray(label, dtype=np.int64)[inner])[None])
-        masks.append(torch.from_numpy(weight))
+        targets.append(torch.from_numpy(np.asarray(label, dtype=np.int64)[inner])[None].to(probs.device))
+        masks.append(torch.from_numpy(weight).to(probs.device))
         maps.append((probs.float(), inner))
     labelled = sum(int((mask > 0).sum()) for mask in masks)
-    if labelled < MIN_LABELLED_PIXELS or len({int(v) for t, m in zip(targets, masks) for v in t[0][m > 0].unique()}) < 2:
+    classes: set[int] = set()
+    for target, mask in zip(targets, masks):
+        classes.update(target[0][mask > 0].unique().tolist())
+    if labelled < MIN_LABELLED_PIXELS or len(classes) < 2:
         return current
 
     def loss(offset: tuple[float, ...]) -> float:

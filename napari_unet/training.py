@@ -416,7 +416,9 @@ class Trainer:
                 if not unlabelled.any():
                     anchored.append(sample)
                     continue
-                own = _to_classes(self._predict_sample_logits(sample)[None])[0].cpu().numpy()
+                # the model's own labels, moved to where the annotations sit
+                probabilities = _probabilities(self._predict_sample_logits(sample))[None]
+                own = _to_classes(label_offset.apply_offset(probabilities, self._label_offset))[0].cpu().numpy()
                 labels = np.where(unlabelled, own.astype(sample.labels.dtype), sample.labels)
                 weights = np.where(unlabelled, np.float32(weight), sample.weights).astype(np.float32)
                 anchored.append(Sample(sample.image, labels, weights))

@@ -77,6 +77,23 @@ def test_train_fine_tunes_from_a_checkpoint(trained, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "tuned.pt").config["width"] == 4  # the checkpoint's architecture
 
 
+def test_train_no_label_offset_keeps_the_offset_at_zero(trained, tmp_path, capsys, monkeypatch):
+    from napari_unet import label_offset
+
+    _, images, labels, _ = trained
+    # any measurement would find an offset: --no-label-offset must not measure at all
+    monkeypatch.setattr(label_offset, "estimate_offset", lambda *args: (0.5, 0.5))
+    outputs = {}
+    for flag in ([], ["--no-label-offset"]):
+        output = tmp_path / f"model{len(flag)}.pt"
+        code, out, _ = run(capsys, "train", "--images", images, "--labels", labels, "--steps", "2",
+                           "--output", output, *TINY, *flag)
+        assert code == 0
+        outputs[bool(flag)] = (json.loads(out.splitlines()[-1])["label_offset"], load_checkpoint(output).label_offset)
+    assert outputs[False] == ([0.5, 0.5], (0.5, 0.5))
+    assert outputs[True] == ([0.0, 0.0], (0.0, 0.0))
+
+
 @pytest.mark.parametrize(
     "change, fragments",
     [

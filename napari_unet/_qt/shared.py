@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
 
+from napari_unet.label_offset import describe_offset, model_offset
+
 if TYPE_CHECKING:
     import torch.nn as nn
 
@@ -93,6 +95,8 @@ class ModelHolder:
         # a checkpoint describes itself best (classes, what it was trained on, validation score)
         described = _checkpoint_description(self.checkpoint) if self.checkpoint is not None else ""
         lines = [described or describe_model(self.model)]
+        if not described:  # a model trained here: its label offset is not in a checkpoint yet
+            lines.append(_offset_description(self.model))
         if self.source:
             lines.append(f"Source: {self.source}")
         if not self.trained:
@@ -116,6 +120,13 @@ def describe_model(model: nn.Module) -> str:
         f"{name} ({dims}D{size}), {n_params:,} parameters, "
         f"{in_channels} input channel{'s' if in_channels != 1 else ''}, {n_classes} classes"
     )
+
+
+def _offset_description(model: nn.Module) -> str:
+    try:
+        return describe_offset(model_offset(model)).capitalize()
+    except (ValueError, TypeError, AttributeError):  # a foreign model: no offset to show
+        return ""
 
 
 def _checkpoint_description(checkpoint: Checkpoint) -> str:

@@ -65,8 +65,11 @@ def test_holder_set_emits_changed_and_summarises():
     assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in summary
     assert UNTRAINED_NOTE in summary
 
+    assert "offset" not in summary
+    model.label_offset = (-0.5, 0.25)  # what training measured
     holder.set(model, source="fine-tuned in napari on 'EM membranes'")
     assert holder.trained and UNTRAINED_NOTE not in holder.summary()
+    assert "Label offset: y -0.50, x +0.25 px" in holder.summary()
     holder.clear()
     assert holder.model is None and received[-1] is None
 
