@@ -49,6 +49,10 @@ class Sample:
     def labelled_pixels(self) -> int:
         return int(np.count_nonzero(self.weights > 0))
 
+    def along_first_axis(self, part: slice) -> Sample:
+        """The part of this sample at ``part`` of its first spatial axis (views, no copies)."""
+        return Sample(self.image[:, part], self.labels[part], self.weights[part])
+
 
 @dataclass
 class AugmentConfig:
@@ -218,8 +222,8 @@ def _split_by_region(samples: list[Sample], labelled: list[int], fraction: float
     rows = int(np.searchsorted(from_end, fraction) + 1)
     rows = int(np.clip(rows, min_val_size, axis_length - min_val_size))
     cut = axis_length - rows
-    train_part = Sample(sample.image[:, :cut], sample.labels[:cut], sample.weights[:cut])
-    val_part = Sample(sample.image[:, cut:], sample.labels[cut:], sample.weights[cut:])
+    train_part = sample.along_first_axis(slice(None, cut))
+    val_part = sample.along_first_axis(slice(cut, None))
     if val_part.labelled_pixels == 0 or train_part.labelled_pixels == 0:
         raise DataError(
             "The labels are too concentrated to split off a validation region; "

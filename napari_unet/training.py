@@ -726,8 +726,8 @@ def _cut_to_budget(sample: Sample, pixel_budget: int) -> Sample:
     if pixels <= pixel_budget:
         return sample
     keep = max(1, pixel_budget * sample.spatial_shape[0] // pixels)
-    part = slice((sample.spatial_shape[0] - keep) // 2, (sample.spatial_shape[0] + keep) // 2)
-    return Sample(sample.image[:, part], sample.labels[part], sample.weights[part])
+    first = (sample.spatial_shape[0] - keep) // 2  # around the middle
+    return sample.along_first_axis(slice(first, first + keep))
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

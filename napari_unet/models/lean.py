@@ -95,11 +95,12 @@ class _SplitUp(nn.Module):
         first: nn.Module = layers[0]
         skip_channels = first.in_channels // 2  # cat([skip, upsampled]): half each, in every variant
         self.conv_skip = _conv_part(first, slice(0, skip_channels), with_bias=True)
-        conv_up = _conv_part(first, slice(skip_channels, first.in_channels), with_bias=False)
-        # output channels in chunks: each chunk's result is added at once, so the temporary is small
+        # the upsampled half in output-channel chunks: each chunk's result is added at once, so the
+        # temporary is small
+        self.up_outputs = _chunks(first.out_channels, _UP_CHUNKS[_spatial_dims(first)])
         self.conv_up_chunks = nn.ModuleList(
-            _conv_part(conv_up, slice(0, conv_up.in_channels), with_bias=False, outputs=outputs)
-            for outputs in _chunks(conv_up.out_channels, _UP_CHUNKS[_spatial_dims(conv_up)])
+            _conv_part(first, slice(skip_channels, first.in_channels), with_bias=False, outputs=outputs)
+            for outputs in self.up_outputs
         )
         self.rest = nn.Sequential(*layers[1:])
 
@@ -119,8 +120,7 @@ class _SplitUp(nn.Module):
             features = self.conv_skip(self.attention(upsampled, skip))
             del skip
         del low
-        chunks = _chunks(features.shape[1], len(self.conv_up_chunks))
-        for conv_chunk, outputs in zip(self.conv_up_chunks, chunks):
+        for conv_chunk, outputs in zip(self.conv_up_chunks, self.up_outputs):
             features[:, outputs].add_(conv_chunk(upsampled))  # in place through the view
         del upsampled
         return self.rest(features)
