@@ -191,7 +191,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         patch_size=args.patch_size, batch_size=args.batch_size, learning_rate=args.lr,
         steps=args.steps, time_budget=args.time_budget, loss=args.loss, augment=not args.no_augment,
         schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=args.device,
-        seed=args.seed, fit_label_offset=not args.no_label_offset,
+        seed=args.seed, fit_label_offset=not args.no_label_offset, dice_fade=args.dice_fade or None,
     )
     progress = _ProgressBar(config, enabled=not args.quiet)
     trainer = train_model(model, image, labels, config=config, val_images=val_images, val_labels=val_labels,
@@ -327,6 +327,10 @@ def _fraction(text: str) -> float:
     return _checked_number(text, float, "a number", lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+def _fade(text: str) -> float:
+    return _checked_number(text, float, "a number", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
 def _sides(text: str) -> int | tuple[int, ...]:
     """'256' or '32,96,96'."""
     try:
@@ -377,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--patch-size", type=_sides, default=None, help="patch side(s), e.g. 256 or 32,96,96 (default 192 in 2D, 32,96,96 in 3D)")
     train.add_argument("--lr", type=_positive_float, default=defaults.learning_rate, help=f"peak learning rate (default {defaults.learning_rate})")
     train.add_argument("--loss", default=defaults.loss, help=f"loss (default {defaults.loss}): {', '.join(available_losses())}")
+    train.add_argument("--dice-fade", type=_fade, default=defaults.dice_fade, metavar="F",
+                       help=f"the loss's Dice term fades to 0 over this fraction of the budget, leaving cross-entropy "
+                            f"(default {defaults.dice_fade}; 0 = keep it)")
     train.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=defaults.schedule, help=f"learning-rate schedule (default {defaults.schedule})")
     train.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp, help="mixed precision (default auto: on for CUDA)")
     train.add_argument("--no-augment", action="store_true", help="train without augmentation")

@@ -48,6 +48,9 @@ _WHOLE_SAMPLE_PIXELS = {2: 2048 * 2048, 3: 128**3}
 # cost of validating four 512^2 slices), and once more for the kept weights at the end
 _OFFSET_PIXELS_DURING = 2**19
 _OFFSET_PIXELS_FINAL = 2**21
+# during a run the offset is measured again at a validation at most this often: it settles within
+# the first minutes, and each measurement costs training steps
+_OFFSET_REMEASURE_SECONDS = 30.0
 
 
 class TrainingError(ValueError):
@@ -65,7 +68,8 @@ class TrainConfig:
     patch_size: patch side(s); None = 192 x 192 for 2D models, 32 x 96 x 96 for 3D models.
     steps / time_budget: stop after this many optimisation steps / seconds (either or both;
         neither = until stop() or early stopping).
-    schedule: "cosine" (linear warm-up, then cosine decay to 1 % over the steps or time budget),
+    schedule: "cosine" (linear warm-up, then cosine decay to `min_lr_fraction` of the peak over the
+        steps or time budget),
         "plateau" (halve the learning rate after `plateau_patience` validations without
         improvement) or "constant".
     val_every: validate every N steps; None = automatically, every `val_interval` seconds at
@@ -86,8 +90,13 @@ class TrainConfig:
         (self-distillation); without it, strokes that are nearly all one class teach "that
         class everywhere". 0 = unlabelled pixels are ignored.
     fit_label_offset: measure the sub-pixel offset between the training labels and the image
-        (``label_offset.py``) at every validation and at the end, and keep it with the model so
+        (``label_offset.py``) during validation and at the end, and keep it with the model so
         validation and ``predict`` place boundaries where the annotations do.
+    dice_fade: the Dice term of a loss that has one (``ce_dice``, ``dice_bce``, ...) falls
+        linearly to 0 over this fraction of the step or time budget, leaving cross-entropy alone.
+        Dice learns thin structures fast; cross-entropy is the proper scoring rule, so its
+        probabilities thresholded at 0.5 give the least pixel error. None = a constant weight
+        (also without a budget).
     """
 
     patch_size: int | tuple[int, ...] | None = None
@@ -119,6 +128,7 @@ class TrainConfig:
     border_sigma: float = 5.0
     anchor_weight: float = 0.0
     fit_label_offset: bool = True
+    dice_fade: float | None = 0.3
 
     def check(self) -> None:
         """Raise TrainingError (one plain sentence) for settings that cannot work."""
@@ -144,6 +154,10 @@ class TrainConfig:
             raise TrainingError(f"The anchor weight must be in [0, 1], not {self.anchor_weight}.")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise TrainingError(f"The EMA decay must be in [0, 1), not {self.ema_decay}.")
+        if not 0 <= self.min_lr_fraction <= 1:
+            raise TrainingError(f"min_lr_fraction must be in [0, 1], not {self.min_lr_fraction}.")
+        if self.dice_fade is not None and not 0 < self.dice_fade <= 1:
+            raise TrainingError(f"dice_fade must be in (0, 1], not {self.dice_fade}.")
         if self.loss.strip().lower().replace("-", "_") not in losses.available_losses():
             raise TrainingError(f"Unknown loss {self.loss!r}; use one of {', '.join(losses.available_losses())}.")
 
@@ -263,6 +277,7 @@ class Trainer:
         self._evaluated = model  # the model validation and previews use (an EMA copy during run())
         self._label_offset = label_offset.model_offset(model)  # of the evaluated weights
         self._best_offset = self._label_offset
+        self._offset_measured_at = -math.inf  # when _label_offset was last measured (perf_counter)
         self.model.normalization = dict(self.normalization)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -453,6 +468,8 @@ class Trainer:
             focus=[sample.weights > 0 for sample in self.train_samples],
         )
         loss_fn = losses.get_loss(config.loss, **config.loss_options)
+        fading = config.dice_fade is not None and _has_cross_entropy_term(loss_fn)
+        dice_weight = loss_fn.dice_weight if fading else None
         autocast, scaler = self._autocast()
         memory_format = torch.channels_last if (config.channels_last and self.spatial_dims == 2) else None
         if memory_format is not None:
@@ -460,6 +477,7 @@ class Trainer:
         self.model.train()
         averaged = _WeightAverage(self.model, config.ema_decay)
         self._evaluated = averaged.model
+        self._offset_measured_at = -math.inf
         self._evaluated.label_offset = self._label_offset
 
         run_steps = 0
@@ -475,6 +493,8 @@ class Trainer:
                 break
             step_start = time.perf_counter()
             lr = self._set_learning_rate(run_steps, start)
+            if dice_weight is not None:
+                self._fade_dice(loss_fn, dice_weight, run_steps, start)
             images, labels, weights = sampler.sample(config.batch_size, self._generator)
             if memory_format is not None:
                 images = images.contiguous(memory_format=memory_format)
@@ -576,6 +596,12 @@ class Trainer:
             group["lr"] = lr
         return lr
 
+    def _fade_dice(self, loss_fn: nn.Module, full_weight: float, run_steps: int, start: float) -> None:
+        """Lower the Dice weight of a combined loss as the run progresses (TrainConfig.dice_fade)."""
+        progress = self._progress(run_steps, start)
+        if progress is not None:
+            loss_fn.dice_weight = full_weight * max(0.0, 1.0 - progress / self.config.dice_fade)
+
     def _record_step(self, elapsed: float, loss: float, lr: float) -> None:
         self.history["step"].append(self._step)
         self.history["elapsed"].append(round(elapsed, 3))
@@ -626,7 +652,10 @@ class Trainer:
         try:
             if self._stop_event.is_set() and not ignore_stop:
                 return None
-            offset = self._measure_label_offset(model, _OFFSET_PIXELS_DURING)
+            if time.perf_counter() - self._offset_measured_at >= _OFFSET_REMEASURE_SECONDS:
+                self._measure_label_offset(model, _OFFSET_PIXELS_DURING)
+                self._offset_measured_at = time.perf_counter()
+            offset = self._label_offset
             model.label_offset = offset
             for sample in self.val_samples:
                 if self._stop_event.is_set() and not ignore_stop:
@@ -700,6 +729,13 @@ class Trainer:
         self.model.eval()
         if self.spatial_dims == 2:
             self.model.to(memory_format=torch.contiguous_format)
+
+
+def _has_cross_entropy_term(loss_fn: nn.Module) -> bool:
+    """A loss with a Dice term beside a cross-entropy one (the Dice loss alone cannot fade)."""
+    if not hasattr(loss_fn, "dice_weight"):
+        return False
+    return getattr(loss_fn, "bce_weight", 1.0) > 0
 
 
 def _probabilities(scores: torch.Tensor) -> torch.Tensor:

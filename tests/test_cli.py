@@ -94,6 +94,26 @@ def test_train_no_label_offset_keeps_the_offset_at_zero(trained, tmp_path, capsy
     assert outputs[True] == ([0.0, 0.0], (0.0, 0.0))
 
 
+def test_train_dice_fade_reaches_the_config(trained, tmp_path, capsys, monkeypatch):
+    _, images, labels, _ = trained
+    seen = []
+    real_train_model = cli.train_model
+
+    def recording_train_model(*args, **kwargs):
+        seen.append(kwargs["config"].dice_fade)
+        return real_train_model(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "train_model", recording_train_model)
+    for flag in ([], ["--dice-fade", "0.5"], ["--dice-fade", "0"]):
+        code, _, _ = run(capsys, "train", "--images", images, "--labels", labels, "--steps", "1",
+                         "--output", tmp_path / "model.pt", *TINY, *flag)
+        assert code == 0
+    assert seen == [0.3, 0.5, None]
+    code, _, err = run(capsys, "train", "--images", images, "--labels", labels, "--steps", "1",
+                       "--output", tmp_path / "model.pt", *TINY, "--dice-fade", "2")
+    assert code == 2 and "must be in [0, 1]" in err
+
+
 @pytest.mark.parametrize(
     "change, fragments",
     [

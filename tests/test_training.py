@@ -241,6 +241,8 @@ def test_out_of_memory_becomes_a_plain_error():
         ({"loss": "nonsense"}, TrainingError),
         ({"patch_size": (16, 16, 16)}, TrainingError),
         ({"val_fraction": 1.5}, TrainingError),
+        ({"dice_fade": 0.0}, TrainingError),
+        ({"min_lr_fraction": 1.5}, TrainingError),
     ],
 )
 def test_bad_settings_raise_plain_errors(overrides, error):
@@ -329,7 +331,7 @@ def test_anchor_keeps_a_trained_model_from_learning_one_class_everywhere():
         model = copy.deepcopy(start)
         Trainer(model, images, labels, strokes,
                 config=config(steps=100, learning_rate=3e-2, batch_size=4, anchor_weight=anchor, ema_decay=None,
-                              warmup_steps=0, schedule="constant")).fit()
+                              warmup_steps=0, schedule="constant", dice_fade=None)).fit()
         background = labels == 0
         results[anchor] = float((_predict_classes(model, images)[background] == 1).mean())
     start_error = float((before[labels == 0] == 1).mean())
@@ -444,3 +446,80 @@ def test_a_few_corrections_keep_the_offset_the_model_came_with():
                       config=config(steps=1, learning_rate=1e-12, augment=False, ema_decay=None))
     trainer.fit()
     assert trainer.model.label_offset == (-0.5, 0.25)
+
+
+def test_the_offset_is_measured_again_at_most_every_30_seconds(monkeypatch):
+    from napari_unet import label_offset
+
+    calls = []
+    real_estimate = label_offset.estimate_offset
+    monkeypatch.setattr(label_offset, "estimate_offset", lambda *a, **k: calls.append(1) or real_estimate(*a, **k))
+    images, labels = _labels_one_pixel_below()
+    trainer = Trainer(_SharpThreshold(), images, labels, normalization={"method": "none"},
+                      config=config(steps=4, learning_rate=1e-12, augment=False, val_fraction=0.34, val_every=1,
+                                    ema_decay=None))
+    trainer.fit()
+    assert len(trainer.history["val_step"]) == 4
+    assert len(calls) == 2  # the first validation, then the kept weights at the end
+    assert trainer.model.label_offset == (1.0, 0.0)
+
+
+class _DiceWeightRecorder(torch.nn.Module):
+    """Wraps a loss and records its Dice weight at every call."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss, self.seen = loss, []
+
+    @property
+    def dice_weight(self):
+        return self.loss.dice_weight
+
+    @dice_weight.setter
+    def dice_weight(self, value):
+        self.loss.dice_weight = value
+
+    def forward(self, *args):
+        self.seen.append(round(self.loss.dice_weight, 6))
+        return self.loss(*args)
+
+
+@pytest.mark.parametrize(("loss", "fade", "expected"), [
+    ("ce_dice", 0.5, [1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    ("dice_bce", 1.0, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]),
+    ("ce_dice", None, [1.0] * 10),
+])
+def test_the_dice_term_fades_over_the_budget(monkeypatch, loss, fade, expected):
+    from napari_unet import losses
+
+    recorders = []
+    real_get_loss = losses.get_loss
+
+    def recording_get_loss(*args, **kwargs):
+        recorders.append(_DiceWeightRecorder(real_get_loss(*args, **kwargs)))
+        return recorders[-1]
+
+    monkeypatch.setattr(losses, "get_loss", recording_get_loss)
+    images, labels = toy_stack()
+    Trainer(tiny_model(), images, labels, config=config(steps=10, loss=loss, dice_fade=fade)).fit()
+    assert recorders[0].seen == expected
+
+
+def test_a_dice_loss_alone_does_not_fade():
+    from napari_unet import losses, training
+
+    assert training._has_cross_entropy_term(losses.get_loss("ce_dice"))
+    assert not training._has_cross_entropy_term(losses.get_loss("dice"))
+    assert not training._has_cross_entropy_term(losses.get_loss("dice_bce", bce_weight=0.0))
+
+
+
+def test_the_cosine_schedule_falls_to_its_floor():
+    import math
+
+    images, labels = toy_stack()
+    trainer = Trainer(tiny_model(), images, labels,
+                      config=config(steps=10, warmup_steps=0, learning_rate=1e-2, min_lr_fraction=0.5))
+    trainer.fit()
+    expected = [1e-2 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * k / 10))) for k in range(10)]
+    assert trainer.history["lr"] == pytest.approx(expected)
