@@ -556,7 +556,13 @@ class FinetuneWidget(QWidget):
         self.patch_spin.setSpecialValueText("auto")
         self.batch_spin = _tip(QSpinBox(minimum=0, maximum=512, value=0), "Patches per step (0: automatic).")
         self.batch_spin.setSpecialValueText("auto")
-        self.loss_combo = _tip(QComboBox(), "What the optimiser minimises on the confirmed pixels.")
+        self.loss_combo = _tip(
+            QComboBox(),
+            "What the optimiser minimises on the confirmed pixels."
+            + (f" A Dice term beside cross-entropy fades to 0 over the first {engine['dice_fade']:.0%} of the "
+               "budget: Dice learns thin structures fast, cross-entropy then places boundaries best."
+               if engine.get("dice_fade") else ""),
+        )
         for key in self._loss_names():
             self.loss_combo.addItem(LOSS_NAMES.get(key, key), key)
         self.loss_combo.setCurrentIndex(max(0, self.loss_combo.findData(defaults.loss)))

@@ -338,3 +338,4 @@ def test_the_form_defaults_are_the_benchmarked_defaults(make_napari_viewer, em, 
     widget.set_settings(TINY)
     assert widget.settings() == TINY
     assert widget.lr_spin.toolTip() and widget.time_spin.toolTip() and widget.loss_combo.toolTip()
+    assert f"fades to 0 over the first {TrainConfig().dice_fade:.0%}" in widget.loss_combo.toolTip()
