@@ -469,7 +469,7 @@ class Trainer:
         )
         loss_fn = losses.get_loss(config.loss, **config.loss_options)
         fading = config.dice_fade is not None and _has_cross_entropy_term(loss_fn)
-        dice_weight = loss_fn.dice_weight if fading else None
+        dice_weight = loss_fn.dice_weight if fading else None  # the full weight, faded each step
         autocast, scaler = self._autocast()
         memory_format = torch.channels_last if (config.channels_last and self.spatial_dims == 2) else None
         if memory_format is not None:
@@ -492,9 +492,10 @@ class Trainer:
             if reason:
                 break
             step_start = time.perf_counter()
-            lr = self._set_learning_rate(run_steps, start)
-            if dice_weight is not None:
-                self._fade_dice(loss_fn, dice_weight, run_steps, start)
+            progress = self._progress(run_steps, start)  # one value for both schedules of this step
+            lr = self._set_learning_rate(run_steps, progress)
+            if dice_weight is not None and progress is not None:
+                loss_fn.dice_weight = dice_weight * max(0.0, 1.0 - progress / config.dice_fade)
             images, labels, weights = sampler.sample(config.batch_size, self._generator)
             if memory_format is not None:
                 images = images.contiguous(memory_format=memory_format)
@@ -582,25 +583,17 @@ class Trainer:
             parts.append((time.perf_counter() - start) / self.config.time_budget)
         return min(1.0, max(parts)) if parts else None
 
-    def _set_learning_rate(self, run_steps: int, start: float) -> float:
+    def _set_learning_rate(self, run_steps: int, progress: float | None) -> float:
         config = self.config
         lr = config.learning_rate * self._lr_scale
         if config.warmup_steps and run_steps < config.warmup_steps:
             lr *= (run_steps + 1) / (config.warmup_steps + 1)
-        elif config.schedule == "cosine":
-            progress = self._progress(run_steps, start)
-            if progress is not None:
-                floor = config.min_lr_fraction
-                lr *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif config.schedule == "cosine" and progress is not None:
+            floor = config.min_lr_fraction
+            lr *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
-
-    def _fade_dice(self, loss_fn: nn.Module, full_weight: float, run_steps: int, start: float) -> None:
-        """Lower the Dice weight of a combined loss as the run progresses (TrainConfig.dice_fade)."""
-        progress = self._progress(run_steps, start)
-        if progress is not None:
-            loss_fn.dice_weight = full_weight * max(0.0, 1.0 - progress / self.config.dice_fade)
 
     def _record_step(self, elapsed: float, loss: float, lr: float) -> None:
         self.history["step"].append(self._step)
