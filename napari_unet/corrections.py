@@ -708,7 +708,8 @@ def build_finetune_trainer(
     """The Trainer that fine-tunes ``model`` on the confirmed part of ``labels`` (weights 0 elsewhere).
 
     Normalisation follows the model's spec (``model.normalization``, the engine's default if it
-    has none), with statistics computed per training image exactly as inference does.
+    has none), with the statistics inference uses: a 2D model's slices each on their own, a 3D
+    model's crop on the whole volume's (Segment predicts the volume whole).
     """
     from napari_unet import io
     from napari_unet.training import Trainer
@@ -721,6 +722,8 @@ def build_finetune_trainer(
         balance_classes=settings.balance_classes,
     )
     normalization = getattr(model, "normalization", None) or io.DEFAULT_NORMALIZATION
+    if spatial_dims == 3:  # training_arrays crops the volume
+        normalization = io.compute_normalization(image, normalization)
     return Trainer(
         model,
         images,

@@ -17,6 +17,10 @@ the whole image), so a tile pools the same pixels as a forward pass over the who
 Gaussian is shifted to fade to ~0 at the tile's edge, so a tile's end leaves no step. Tiled
 predictions therefore agree with a single whole-image pass away from the context a tile cuts off.
 
+Normalisation repeats the trainer's: statistics by the model's spec (percentiles by default) of each
+training sample, which for a 2D model is one slice. So a 3D model's volume is normalised as a whole,
+and a 2D model's stack slice by slice, each on its own statistics.
+
 Memory stays bounded: the input is read and normalised tile batch by tile batch (never as a whole
 float copy). In memory, the weighted sums accumulate straight in the float32 result; with ``out=``
 they live in a float32 slab that rolls along the first spatial axis, and finished slabs are written
@@ -169,8 +173,9 @@ def predict(
         out: where to write the result: a zarr array (or any array) of the output shape, or a path
             for a new zarr array. Finished slabs are streamed into it so volumes larger than RAM work.
         normalization: None = the model's spec (``io.DEFAULT_NORMALIZATION`` if it has none) with
-            statistics computed on this image; a dict = that spec, or ready statistics when it holds
-            ``lo``/``hi``; False = the image is already normalised.
+            statistics computed on this image (a 2D model: on each of its slices, as in training);
+            a dict = that spec, or ready statistics for the whole image when it holds ``lo``/``hi``;
+            False = the image is already normalised.
         dtype: ``"float32"`` or ``"float16"``, the returned probabilities' type when ``out`` is None.
             float16 halves the result's memory (tiles are still blended in float32; values to ~5e-4).
         label_offset: pixels per spatial axis to move the probabilities by, to where the training
@@ -360,8 +365,31 @@ def _is_dask(image: Any) -> bool:
 # ---------------------------------------------------------------------------------- normalisation
 
 
-def _normalization_stats(model: nn.Module, image: Any, normalization: dict | bool | None) -> dict | None:
-    """The statistics to normalise ``image`` with (None: already normalised)."""
+class _PlaneStatistics:
+    """Normalisation statistics of each Z plane of a 2D model's input, measured on first use.
+
+    The trainer normalises every training sample on its own statistics, and a 2D model's sample is
+    one slice; so a stack is normalised slice by slice here too. One set of statistics for the
+    whole stack would move each slice's intensities away from what the model was trained on.
+    """
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = dict(spec)
+        self.planes: dict[int, dict] = {}
+
+    def get(self, z: int, read_plane: Callable[[int], np.ndarray]) -> dict:
+        """The statistics of plane ``z``; ``read_plane(z)`` gives its raw pixels when not known yet."""
+        if z not in self.planes:
+            self.planes[z] = image_io.compute_normalization(read_plane(z), self.spec)
+        return self.planes[z]
+
+
+Statistics = dict | _PlaneStatistics | None
+
+
+def _normalization_stats(model: nn.Module, image: Any, normalization: dict | bool | None) -> Statistics:
+    """How to normalise ``image``: None (already normalised), one set of statistics for all of it,
+    or, for a 2D model measuring them itself, statistics per Z plane."""
     if normalization is False:
         return None
     if normalization is True or normalization is None:
@@ -372,13 +400,22 @@ def _normalization_stats(model: nn.Module, image: Any, normalization: dict | boo
         raise ValueError("normalization must be None, False or a dict (a spec or its statistics)")
     if "lo" in spec and "hi" in spec:
         return dict(spec)
+    if int(model.spatial_dims) == 2:
+        return _PlaneStatistics(spec)
     return image_io.compute_normalization(image, spec)
 
 
-def _normalize(block: np.ndarray, stats: dict | None) -> np.ndarray:
+def _normalize(block: np.ndarray, stats: Statistics, first_z: int = 0,
+               read_plane: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+    """A raw (C, z, y, x) block as float32, normalised; its planes are ``first_z`` onwards."""
     if stats is None:
         return np.asarray(block, dtype=np.float32)
-    return image_io.apply_normalization(block, stats)
+    if isinstance(stats, dict):
+        return image_io.apply_normalization(block, stats)
+    result = np.empty(block.shape, dtype=np.float32)
+    for index in range(block.shape[1]):
+        result[:, index] = image_io.apply_normalization(block[:, index], stats.get(first_z + index, read_plane))
+    return result
 
 
 # ------------------------------------------------------------------------------------------ tiling
@@ -567,7 +604,7 @@ class _InPlaceAccumulator:
 
 
 def _predict_array(
-    model: nn.Module, image: Any, layout: _Layout, plan: TilePlan, stats: dict | None,
+    model: nn.Module, image: Any, layout: _Layout, plan: TilePlan, stats: Statistics,
     overlap: float, blend: str, device: torch.device, precision: str, tta: bool,
     progress: ProgressCallback | None, cancel: CancelCallback | None, target: Any,
     result_dtype: np.dtype = np.dtype(np.float32), offset: Sequence[float] = (),
@@ -656,8 +693,12 @@ class _SlabReader:
         offset = self.z_range[0]
         return self.slab[:, z0 - offset:z1 - offset, region[1], region[2]]
 
+    def read_plane(self, z: int) -> np.ndarray:
+        """Plane ``z`` whole, (C_in, 1, Y, X); for stored arrays usually from the cached slab."""
+        return self.read([slice(z, z + 1), slice(None), slice(None)])
 
-def _read_batch(reader: _SlabReader, stats: dict | None,
+
+def _read_batch(reader: _SlabReader, stats: Statistics,
                 starts: list[tuple[int, int, int]], tile: Sequence[int]) -> np.ndarray:
     """Normalised float32 tiles (N, C_in, tz, ty, tx), read once for the batch's bounding box.
 
@@ -670,7 +711,7 @@ def _read_batch(reader: _SlabReader, stats: dict | None,
     read_lo = [max(lo, 0) for lo in box_lo]
     read_hi = [min(hi, n) for hi, n in zip(box_hi, grid)]
     raw = reader.read([slice(a, b) for a, b in zip(read_lo, read_hi)])
-    block = _normalize(raw, stats)
+    block = _normalize(raw, stats, read_lo[0], reader.read_plane)
     pads = [(0, 0)] + [(a - lo, hi - b) for lo, hi, a, b in zip(box_lo, box_hi, read_lo, read_hi)]
     if any(before or after for before, after in pads):
         block = np.pad(block, pads, mode="reflect")
@@ -880,7 +921,7 @@ def _open_zarr_output(path: Path, shape: tuple[int, ...]) -> Any:
 
 
 def _predict_dask(
-    model: nn.Module, image: Any, layout: _Layout, plan: TilePlan, stats: dict | None,
+    model: nn.Module, image: Any, layout: _Layout, plan: TilePlan, stats: Statistics,
     overlap: float, blend: str, device: torch.device, precision: str, tta: bool,
     progress: ProgressCallback | None, cancel: CancelCallback | None, target: Any,
     result_dtype: np.dtype = np.dtype(np.float32), offset: Sequence[float] = (),
@@ -888,12 +929,22 @@ def _predict_dask(
     """Prediction mapped over dask chunks with ``map_overlap``, so a dask cluster can run it.
 
     Each chunk is predicted with a halo of half a tile (full context for the chunk's own voxels)
-    by the same tiled engine; the halo is cropped afterwards. Normalisation statistics were
-    computed once on the whole image, so every chunk is normalised alike.
+    by the same tiled engine; the halo is cropped afterwards. Normalisation statistics are
+    measured before any chunk is predicted (a 2D model's per plane, in one pass over the image), so
+    a chunk is normalised as the whole image or plane it belongs to.
     """
+    import dask
     import dask.array as da
 
+    # Locally one chunk at a time: torch already uses every core (or the GPU) for one chunk, and
+    # parallel chunks would only oversubscribe them. A dask.distributed client, when one is set up,
+    # is left to spread chunks over its workers.
+    local = {} if dask.config.get("scheduler", None) else {"scheduler": "threads", "num_workers": 1}
     array = _canonical_dask(image, layout)  # (C_in, Z, Y, X)
+    if isinstance(stats, _PlaneStatistics):  # chunks cut planes: measure every plane whole first
+        tasks = [dask.delayed(image_io.compute_normalization)(array[:, z], stats.spec)
+                 for z in range(array.shape[1])]
+        stats.planes.update(enumerate(dask.compute(*tasks, **local)))
     halo = [0] + [t // 2 if t > 1 else 0 for t in plan.tile]
     # chunks at least one tile (and the halo) wide along tiled axes; channels in one chunk
     chunks: list[tuple[int, ...]] = [(array.shape[0],)]
@@ -924,7 +975,7 @@ def _predict_dask(
             progress(counter["done"], total)
         return inner[tuple(crop)]
 
-    normalised = array.map_blocks(_normalize, stats, dtype=np.float32)
+    normalised = array.map_blocks(_normalize_dask_block, stats, dtype=np.float32)
     result = da.map_overlap(
         predict_block, normalised, depth=tuple(halo), boundary="none", trim=False,
         chunks=out_chunks, dtype=np.float32, meta=np.empty((0, 0, 0, 0), dtype=np.float32),
@@ -932,12 +983,6 @@ def _predict_dask(
     )
     if layout.squeeze_z:
         result = result[:, 0]
-    # Locally one chunk at a time: torch already uses every core (or the GPU) for one chunk, and
-    # parallel chunks would only oversubscribe them. A dask.distributed client, when one is set up,
-    # is left to spread chunks over its workers.
-    import dask
-
-    local = {} if dask.config.get("scheduler", None) else {"scheduler": "threads", "num_workers": 1}
     if target is not None:
         # one dask chunk per whole zarr chunk: parallel writes never share (and race on) a chunk
         target_chunks = getattr(target, "chunks", None)
@@ -946,6 +991,12 @@ def _predict_dask(
         da.store(result, target, lock=target_chunks is None, **local)
         return target
     return result.astype(result_dtype).compute(**local)  # cast per chunk, never a float32 whole
+
+
+def _normalize_dask_block(block: np.ndarray, stats: Statistics, block_info: dict | None = None) -> np.ndarray:
+    """``_normalize`` of one (C, z, y, x) chunk; ``block_info`` (from dask) says where its planes start."""
+    first_z = block_info[0]["array-location"][1][0] if block_info else 0
+    return _normalize(block, stats, first_z)
 
 
 def _chunk_sizes(extent: int, size: int, minimum: int) -> tuple[int, ...]:

@@ -758,8 +758,10 @@ def compute_normalization(image: Any, spec: dict | None = DEFAULT_NORMALIZATION)
         raise ImageIOError(f"unknown normalisation method '{method}'; use one of {', '.join(NORMALIZATION_METHODS)}")
     if method == "none":
         return {**spec, "lo": 0.0, "hi": 1.0}
-    values = _strided_sample(image).astype(np.float64, copy=False).ravel()
-    values = values[np.isfinite(values)]
+    values = _strided_sample(image).ravel()
+    if values.dtype.kind not in "ui":
+        values = values.astype(np.float64, copy=False)
+        values = values[np.isfinite(values)]
     if values.size == 0:
         raise ImageIOError("the image has no finite pixel values to normalise")
     if method == "minmax":
@@ -768,8 +770,29 @@ def compute_normalization(image: Any, spec: dict | None = DEFAULT_NORMALIZATION)
         low, high = float(spec.get("low", 1.0)), float(spec.get("high", 99.8))
         if not 0.0 <= low < high <= 100.0:
             raise ImageIOError(f"normalisation percentiles must satisfy 0 <= low < high <= 100 (got {low}, {high})")
-        lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+        lo, hi = _percentiles(values, (low, high))
     return {**spec, "lo": lo, "hi": hi}
+
+
+def _percentiles(values: np.ndarray, percents: Sequence[float]) -> list[float]:
+    """``np.percentile`` (linear interpolation) of 1D ``values``. For 8- and 16-bit integers it is
+    read off a histogram, about 10x faster: a 2D model's stack is normalised slice by slice."""
+    if values.dtype.kind not in "ui" or values.dtype.itemsize > 2:
+        return [float(v) for v in np.percentile(values.astype(np.float64, copy=False), percents)]
+    lowest = int(values.min())
+    cumulative = np.cumsum(np.bincount(values.astype(np.int32) - lowest))
+    last = int(cumulative[-1]) - 1  # the sorted values' last index
+
+    def sorted_value(index: int) -> int:  # the value at ``index`` of the sorted values
+        return int(np.searchsorted(cumulative, index, side="right")) + lowest
+
+    result = []
+    for percent in percents:
+        position = percent / 100.0 * last
+        below = math.floor(position)
+        a, b = sorted_value(below), sorted_value(min(below + 1, last))
+        result.append(float(a + (b - a) * (position - below)))
+    return result
 
 
 def _strided_sample(image: Any, max_values: int = MAX_NORMALIZATION_SAMPLES) -> np.ndarray:

@@ -212,6 +212,10 @@ class Trainer:
     labels: integer class maps of the same spatial shapes. weights: float maps, 0 = ignore.
     Validation data are given the same way; without them `config.val_fraction` of the labelled
     samples (or a region of a single sample) is held out and never used for training.
+    normalization: the spec (``io.DEFAULT_NORMALIZATION`` by default); each sample is normalised
+    on its own statistics, as ``predict`` normalises a 2D model's slice or a 3D model's volume.
+    Statistics given with it (``lo``/``hi``) are used for every sample instead: for crops of one
+    bigger image, which prediction will see whole. The model keeps the spec only.
     """
 
     def __init__(
@@ -238,8 +242,10 @@ class Trainer:
         self.preview_fn = preview_fn
         self.preview_interval = float(preview_interval)
         self.normalization = dict(normalization or getattr(model, "normalization", None) or io.DEFAULT_NORMALIZATION)
-        for key in ("lo", "hi"):  # only the spec is kept; stats are recomputed per sample
-            self.normalization.pop(key, None)
+        # the model keeps only the spec: prediction measures each new image itself
+        given = (self.normalization.pop("lo", None), self.normalization.pop("hi", None))
+        self._fixed_statistics = (
+            {**self.normalization, "lo": given[0], "hi": given[1]} if None not in given else None)
         self.device = devices.resolve_device(self.config.device)
         self.spatial_dims = int(model.spatial_dims)
         self.n_classes = _n_classes(model)
@@ -362,7 +368,7 @@ class Trainer:
     # Setup
 
     def _normalize(self, image: np.ndarray) -> np.ndarray:
-        stats = io.compute_normalization(image, self.normalization)
+        stats = self._fixed_statistics or io.compute_normalization(image, self.normalization)
         return io.apply_normalization(image, stats)
 
     def _load_resume_state(self, source) -> None:

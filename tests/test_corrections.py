@@ -279,6 +279,29 @@ def _fine_tuned_accuracy(image, labels, state, truth) -> float:
     return float((pred == truth[:1]).mean())
 
 
+def test_a_3d_crop_is_normalised_as_the_whole_volume_that_segment_predicts():
+    # corrections in a dim corner of a volume: a crop normalised on its own percentiles would
+    # look brighter in training than in prediction, which measures the whole volume
+    from napari_unet import io
+    from napari_unet.models import build_model
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(100, 10, (24, 64, 240)).astype(np.float32)
+    image[:, :, 160:] += 800  # the far side is much brighter
+    labels = (image > 105).astype(np.uint8)
+    state = CorrectionState(labels.shape)
+    state.mark_region(((4, 12), (4, 12), (4, 12)))
+    model = build_model("unet3d", in_channels=1, out_channels=1, width=4, depth=2)
+    settings = corrections.FinetuneSettings(steps=1, val_fraction=0.0, device="cpu")
+    trainer = corrections.build_finetune_trainer(model, image, labels, state, settings)
+    crop = trainer.train_samples[0]
+    whole = io.compute_normalization(image)
+    box = tuple(slice(0, n) for n in crop.spatial_shape)  # the crop starts at the corner
+    np.testing.assert_allclose(crop.image[0], io.apply_normalization(image[box], whole), rtol=1e-6)
+    assert crop.spatial_shape[2] < 160  # the bright side is outside the crop
+    assert "lo" not in trainer.normalization and "lo" not in model.normalization
+
+
 def test_unlabelled_pixels_are_ignored_not_background():
     """Three unconfirmed slices hold the opposite class: trained on, they would flip the result."""
     image, truth = _blobs((4, 48, 48), seed=3)

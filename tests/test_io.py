@@ -424,3 +424,17 @@ def test_open_zarr_output_streams_tiles(tmp_path):
     assert back.shape == (2, 3, 16, 16) and back.dtype == np.float32
     assert float(back[0, 1, 3, 3].compute()) == 0.5 and float(back[1, 0, 0, 0].compute()) == 0.0
     assert meta["scale"] == (1.0, 1.0, 2.0, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int8])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (64, 70)])
+def test_integer_percentiles_from_a_histogram_match_numpy(dtype, shape):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(shape[-1])
+    image = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    spec = {"method": "percentile", "low": 1.0, "high": 99.8}
+    stats = io.compute_normalization(image, spec)
+    expected = np.percentile(image.astype(np.float64), [1.0, 99.8])
+    np.testing.assert_allclose([stats["lo"], stats["hi"]], expected, rtol=1e-12, atol=1e-9)
+    constant = np.full(shape, 7, dtype)
+    assert io.compute_normalization(constant, spec)["lo"] == io.compute_normalization(constant, spec)["hi"] == 7.0

@@ -142,6 +142,20 @@ def test_fully_ignored_patches_give_zero_gradients():
     assert all(np.isfinite(step_losses(trainer.run())))
 
 
+def test_each_sample_is_normalised_on_its_own_statistics_unless_statistics_are_given(tmp_path):
+    images, labels = toy_stack(n=2)
+    images = images.astype(np.float32)
+    images[1], labels[1] = images[0] * 5 + 300, labels[0]  # slice 0 brighter, with more contrast
+    own = Trainer(tiny_model(), images, labels, config=config(steps=1, val_fraction=0.0))
+    np.testing.assert_allclose(own.train_samples[0].image, own.train_samples[1].image, atol=1e-5)
+    given = {"method": "percentile", "lo": 0.0, "hi": 10.0}
+    fixed = Trainer(tiny_model(), images, labels, config=config(steps=1, val_fraction=0.0), normalization=given)
+    np.testing.assert_allclose(fixed.train_samples[1].image[0], images[1] / 10.0, rtol=1e-6)
+    fixed.fit()
+    ckpt = load_checkpoint(fixed.save(tmp_path / "model.pt"))
+    assert ckpt.normalization == {"method": "percentile"}  # prediction measures each image itself
+
+
 def test_best_weights_are_kept_and_saved_checkpoint_predicts_identically(tmp_path):
     images, labels = toy_stack()
     trainer = Trainer(tiny_model(), images, labels, config=config(steps=6, val_fraction=0.34, val_every=2))

@@ -140,7 +140,7 @@ class TrainingRun:
 # Work done in worker threads (no Qt, no layer access: only the snapshots in TrainingRun)
 
 
-def _preview_prediction(model, run: TrainingRun, stats: dict):
+def _preview_prediction(model, run: TrainingRun, stats: dict | None):
     """Predict the region the user is looking at with the current weights: ``(region, labels)``."""
     from napari_unet.inference import PredictionCancelled, predict, probabilities_to_labels
 
@@ -158,6 +158,15 @@ def _preview_prediction(model, run: TrainingRun, stats: dict):
     except PredictionCancelled:
         return None
     return region, probabilities_to_labels(probs)
+
+
+def _preview_statistics(model, image: Any, spec: dict) -> dict | None:
+    """Normalisation statistics for previews, measured once: a 3D model's slab is normalised as
+    its whole volume. None for a 2D model: its preview is one whole slice, which ``predict``
+    normalises on its own statistics, as the trainer does each training slice."""
+    from napari_unet import io
+
+    return None if int(model.spatial_dims) == 2 else io.compute_normalization(image, spec)
 
 
 def _image_region(image: Any, region: tuple, model) -> np.ndarray:
@@ -180,7 +189,7 @@ def _training_job(run: TrainingRun):
     from napari_unet.training import TrainingOutOfMemory
 
     spec = getattr(run.model, "normalization", None) or io.DEFAULT_NORMALIZATION
-    stats = io.compute_normalization(run.image, spec)
+    stats = _preview_statistics(run.model, run.image, spec)
     settings = run.settings
     spatial_dims = int(run.model.spatial_dims)
     retried = False

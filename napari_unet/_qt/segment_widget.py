@@ -732,6 +732,7 @@ def segment(job: Job, model: nn.Module, request: SegmentRequest, holder: ModelHo
         # RGB into a 3-channel model: colours become the channel axis the engine expects
         channels_first = int(model.spatial_dims) == 3 or data.ndim == 3
         data = np.moveaxis(data[..., :3], -1, 0 if channels_first else 1)
+    normalization = _volume_statistics(model, request)
     job.check()
 
     def report(done: int, total: int) -> None:
@@ -740,7 +741,7 @@ def segment(job: Job, model: nn.Module, request: SegmentRequest, holder: ModelHo
     with holder.lock:
         probabilities = predict(
             model, data, tile=request.tile, overlap=request.overlap, tta=request.tta,
-            device=request.device, progress=report, cancel=job.cancelled,
+            device=request.device, progress=report, cancel=job.cancelled, normalization=normalization,
         )
     job.check()
     yield Progress(0, 0, "making labels")
@@ -777,6 +778,22 @@ def _instances(labels: np.ndarray, *, per_slice: bool) -> np.ndarray:
         instances[z] = np.where(ids > 0, ids + offset, 0)
         offset += int(ids.max())
     return instances
+
+
+def _volume_statistics(model: nn.Module, request: SegmentRequest) -> dict | None:
+    """The whole volume's normalisation statistics when a 3D model predicts only a slab of it.
+
+    A 3D model was trained on (and normally predicts) whole volumes, each normalised on its own
+    statistics: the slab around the current slice must get the same ones, not its own. A 2D
+    model's slice is a whole image already (None: predict measures it).
+    """
+    from napari_unet import io as image_io
+
+    if request.slice_window is None or int(model.spatial_dims) != 3:
+        return None
+    volume = image_io.rgb_to_grayscale(request.data) if request.to_grayscale else request.data
+    spec = getattr(model, "normalization", None) or image_io.DEFAULT_NORMALIZATION
+    return image_io.compute_normalization(volume, spec)
 
 
 def _crop_to_window(data: Any, request: SegmentRequest) -> Any:

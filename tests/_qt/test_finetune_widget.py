@@ -306,6 +306,35 @@ def test_a_3d_model_fine_tunes_on_a_reviewed_sub_volume_and_painted_voxels(make_
     assert model_holder(viewer).model.spatial_dims == 3 and widget.last_checkpoint.exists()
 
 
+def test_the_preview_normalises_a_slice_as_training_and_segment_do():
+    # sections of one stack at different brightness: the preview of slice 2 must be what Segment
+    # (predict on the stack) and training (each slice on its own statistics) see, not slice 2
+    # scaled by the whole stack's statistics
+    from types import SimpleNamespace
+
+    from napari_unet import io
+    from napari_unet.inference import predict, probabilities_to_labels
+    from napari_unet.models import build_model
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = build_model("unet", width=4, depth=2).eval()
+    image, _ = make_em_membranes(shape=(1, 64, 64), seed=1)
+    raw = (image[0] - image.min()) / (image.max() - image.min())
+    stack = np.stack([raw * 1000 + 100, raw * 300 + 5000, raw * 3000]).astype(np.uint16)
+    run = SimpleNamespace(preview_region=(2, slice(0, 64), slice(0, 64)), image=stack,
+                          settings=SimpleNamespace(device="cpu"), stop_requested=False)
+    stats = fw._preview_statistics(model, stack, io.DEFAULT_NORMALIZATION)
+    region, labels = fw._preview_prediction(model, run, stats)
+    assert region == run.preview_region
+    expected = probabilities_to_labels(predict(model, stack, device="cpu"))[2]
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(labels, probabilities_to_labels(predict(model, stack[2], device="cpu")))
+    whole_stack = io.compute_normalization(stack)
+    assert (probabilities_to_labels(predict(model, stack[2], device="cpu", normalization=whole_stack))
+            != expected).any()
+
+
 def test_re_running_segment_after_training_keeps_the_corrections(make_napari_viewer, em, qtbot, autosave_dir, messages):
     """Segment writes its output into 'EM labels', the very layer the user corrected."""
     from napari_unet._qt.segment_widget import SegmentWidget

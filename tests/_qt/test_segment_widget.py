@@ -141,6 +141,32 @@ def test_current_slice_only_writes_one_slice(viewer, widget, em_crop, qtbot):
     assert np.all(probabilities[:2] == 0) and np.any(probabilities[2] > 0)
 
 
+def test_a_3d_models_current_slice_is_normalised_as_its_whole_volume(viewer, widget, qtbot):
+    # the slab around the slice must be scaled as the volume the 3D model sees whole, not on its
+    # own percentiles (here the volume brightens with depth, so they differ)
+    from napari_unet import io
+    from napari_unet.inference import predict
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(100, 10, (40, 24, 24)).astype(np.float32)
+    volume += np.linspace(0, 2000, 40, dtype=np.float32)[:, None, None]
+    viewer.add_image(volume, name="vol")
+    widget.select_layer("vol")
+    widget.set_fresh_model("unet3d", width=4, depth=2)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    viewer.dims.set_point(0, 5)
+    widget.current_slice_check.setChecked(True)
+    widget.run()
+    wait_for(qtbot, widget)
+    kept = viewer.layers["vol probabilities"].data[5]
+    model = model_holder(viewer).model
+    window = volume[:14]  # slice 5 with 8 slices of context below it
+    options = dict(tile=widget.tile_spin.value() or None, overlap=widget.overlap_spin.value(), device="cpu")
+    whole = io.compute_normalization(volume, getattr(model, "normalization", None) or io.DEFAULT_NORMALIZATION)
+    np.testing.assert_allclose(kept, predict(model, window, normalization=whole, **options)[1, 5], atol=1e-5)
+    assert np.abs(kept - predict(model, window, **options)[1, 5]).max() > 1e-3
+
+
 def test_3d_model_segments_a_volume(viewer, widget, qtbot):
     viewer.open_sample("napari-unet", "organelles_3d")
     volume = viewer.layers["Organelles"]
