@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout at the bottleneck (model option)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--tta-candidates", type=int, default=defaults.tta_candidates)
     parser.add_argument("--min-lr-fraction", type=float, default=defaults.min_lr_fraction,
                         help="the cosine schedule's last learning rate, as a fraction of the peak")
     parser.add_argument("--device", default="cpu", help="training device (the figures of the issue are CPU ones)")
@@ -120,6 +121,7 @@ def result_record(benchmark: str, script: str, argv, args: argparse.Namespace, c
         "steps": trainer.step,
         "steps_per_second": round(run["steps_per_second"], 3),
         "best_step": history["best_step"],
+        "tta_choice": history.get("tta_choice"),
         "label_offset": list(getattr(trainer.model, "label_offset", ()) or ()),
         "final": run["final"],
         "final_tta": run["final_tta"],
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
         learning_rate=args.lr, loss=args.loss, amp=args.amp, warmup_steps=args.warmup_steps,
         augment=not args.no_augment, seed=args.seed, device=args.device, ema_decay=args.ema_decay,
         weight_decay=args.weight_decay, fit_label_offset=not args.no_label_offset,
-        min_lr_fraction=args.min_lr_fraction,
+        min_lr_fraction=args.min_lr_fraction, tta_candidates=args.tta_candidates,
     )
     if args.dropout:  # a model option the CLI does not expose
         from napari_unet.models import build_model

@@ -192,6 +192,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, time_budget=args.time_budget, loss=args.loss, augment=not args.no_augment,
         schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=args.device,
         seed=args.seed, fit_label_offset=not args.no_label_offset, dice_fade=args.dice_fade or None,
+        tta_candidates=args.tta_candidates,
     )
     progress = _ProgressBar(config, enabled=not args.quiet)
     trainer = train_model(model, image, labels, config=config, val_images=val_images, val_labels=val_labels,
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dice-fade", type=_fade, default=defaults.dice_fade, metavar="F",
                        help=f"the loss's Dice term fades to 0 over this fraction of the budget, leaving cross-entropy "
                             f"(default {defaults.dice_fade}; 0 = keep it)")
+    train.add_argument("--tta-candidates", type=_positive_int, default=defaults.tta_candidates, metavar="K",
+                       help="keep the weights of the K best validations and, at the end, the best of them with "
+                            f"8-view test-time augmentation (default {defaults.tta_candidates}; 1 = the best single view)")
     train.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=defaults.schedule, help=f"learning-rate schedule (default {defaults.schedule})")
     train.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp, help="mixed precision (default auto: on for CUDA)")
     train.add_argument("--no-augment", action="store_true", help="train without augmentation")

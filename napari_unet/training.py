@@ -15,6 +15,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -97,6 +98,11 @@ class TrainConfig:
         Dice learns thin structures fast; cross-entropy is the proper scoring rule, so its
         probabilities thresholded at 0.5 give the least pixel error. None = a constant weight
         (also without a budget).
+    tta_candidates: the weights of this many best validations are kept, and at the end of the
+        run scored once more on the validation data with 8-view test-time augmentation (what
+        ``predict(tta=True)`` does); the best of them is kept. One view's Dice is a noisy choice:
+        a view can be lucky while the seven others are worse. 1 = the best single-view weights.
+        A time budget leaves room for this scoring (and the final label-offset measurement).
     """
 
     patch_size: int | tuple[int, ...] | None = None
@@ -129,6 +135,7 @@ class TrainConfig:
     anchor_weight: float = 0.0
     fit_label_offset: bool = True
     dice_fade: float | None = 0.3
+    tta_candidates: int = 4
 
     def check(self) -> None:
         """Raise TrainingError (one plain sentence) for settings that cannot work."""
@@ -158,6 +165,8 @@ class TrainConfig:
             raise TrainingError(f"min_lr_fraction must be in [0, 1], not {self.min_lr_fraction}.")
         if self.dice_fade is not None and not 0 < self.dice_fade <= 1:
             raise TrainingError(f"dice_fade must be in (0, 1], not {self.dice_fade}.")
+        if self.tta_candidates < 1:
+            raise TrainingError(f"tta_candidates must be at least 1, not {self.tta_candidates}.")
         if self.loss.strip().lower().replace("-", "_") not in losses.available_losses():
             raise TrainingError(f"Unknown loss {self.loss!r}; use one of {', '.join(losses.available_losses())}.")
 
@@ -284,6 +293,9 @@ class Trainer:
         self._label_offset = label_offset.model_offset(model)  # of the evaluated weights
         self._best_offset = self._label_offset
         self._offset_measured_at = -math.inf  # when _label_offset was last measured (perf_counter)
+        self._candidates: list[_Candidate] = []  # the best validations' weights, best first
+        self._finish_reserve = 0.0  # seconds of a time budget left for the work after the last step
+        self._offset_seconds = 0.0  # what the latest label-offset measurement took
         self.model.normalization = dict(self.normalization)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -424,12 +436,8 @@ class Trainer:
         weight = float(self.config.anchor_weight)
         if weight <= 0 or all(s.labelled_pixels == s.weights.size for s in self.train_samples):
             return self.train_samples
-        model, evaluated = self.model, self._evaluated
-        was_training = model.training
-        self._evaluated = model
-        model.eval()
         anchored = []
-        try:
+        with _eval_mode(self.model) as model:
             for sample in self.train_samples:
                 if self._stop_event.is_set():  # stop() comes first: the run ends before its first step
                     return self.train_samples
@@ -438,14 +446,11 @@ class Trainer:
                     anchored.append(sample)
                     continue
                 # the model's own labels, moved to where the annotations sit
-                probabilities = _probabilities(self._predict_sample_logits(sample))[None]
+                probabilities = _probabilities(self._predict_sample_logits(sample, model))[None]
                 own = _to_classes(label_offset.apply_offset(probabilities, self._label_offset))[0].cpu().numpy()
                 labels = np.where(unlabelled, own.astype(sample.labels.dtype), sample.labels)
                 weights = np.where(unlabelled, np.float32(weight), sample.weights).astype(np.float32)
                 anchored.append(Sample(sample.image, labels, weights))
-        finally:
-            model.train(was_training)
-            self._evaluated = evaluated
         return anchored
 
     def _autocast(self):
@@ -484,6 +489,7 @@ class Trainer:
         averaged = _WeightAverage(self.model, config.ema_decay)
         self._evaluated = averaged.model
         self._offset_measured_at = -math.inf
+        self._finish_reserve = 0.0  # estimated again at every validation
         self._evaluated.label_offset = self._label_offset
 
         run_steps = 0
@@ -556,6 +562,7 @@ class Trainer:
             # without validation the last (averaged) weights are kept
             self._best_state = _state_copy(averaged.model) if averaged.model is not self.model else None
         self.history["stop_reason"] = reason
+        choice = self._choose_with_tta() if not reason.startswith("stopped by user") else None
         self._restore_best()
         if run_steps and not reason.startswith("stopped by user"):
             self._best_offset = self._measure_label_offset(self.model, _OFFSET_PIXELS_FINAL)
@@ -564,7 +571,13 @@ class Trainer:
         self._elapsed_before = self._elapsed(time.perf_counter(), start)
         message = reason
         if self.history["best_val_dice"] is not None and self._best_score > best_before:
-            message += f"; best validation mean Dice {self._best_score:.4f} at step {self.history['best_step']}"
+            message += f"; best validation mean Dice {self._best_score:.4f}"
+            if choice:
+                kept = max(choice, key=lambda c: np.mean(c["tta_dice"]))
+                message += (f"; kept step {self.history['best_step']}, the best of the {len(choice)} best "
+                            f"with test-time augmentation (mean Dice {np.mean(kept['tta_dice']):.4f})")
+            else:
+                message += f" at step {self.history['best_step']}"
         yield self._emit(TrainEvent("finished", self._step, self._elapsed_before, message=message))
 
     def _elapsed(self, now: float, start: float) -> float:
@@ -576,7 +589,7 @@ class Trainer:
             return f"stopped by user after {run_steps} steps"
         if config.steps is not None and run_steps >= config.steps:
             return f"reached {config.steps} steps"
-        if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
+        if config.time_budget is not None and time.perf_counter() - start >= config.time_budget - self._finish_reserve:
             return f"reached the time budget of {config.time_budget:g} s"
         return ""
 
@@ -623,12 +636,16 @@ class Trainer:
         return waited >= max(self.config.val_interval, 7.0 * last_cost)
 
     @torch.no_grad()
-    def _predict_sample_logits(self, sample: Sample, model: nn.Module | None = None) -> torch.Tensor:
-        """Logits-like scores (C, *spatial) of a whole sample (no label offset), in eval mode."""
+    def _predict_sample_logits(self, sample: Sample, model: nn.Module | None = None,
+                               tta: bool = False) -> torch.Tensor:
+        """Logits-like scores (C, *spatial) of a whole sample (no label offset), in eval mode.
+
+        With ``tta``, log-probabilities averaged over the 8 views of ``predict(tta=True)``.
+        """
         model = self._evaluated if model is None else model
         autocast, _ = self._autocast()
         image = sample.image
-        if int(np.prod(sample.spatial_shape)) <= _WHOLE_SAMPLE_PIXELS[self.spatial_dims]:
+        if not tta and int(np.prod(sample.spatial_shape)) <= _WHOLE_SAMPLE_PIXELS[self.spatial_dims]:
             batch = torch.from_numpy(image)[None].to(self.device)
             if self.spatial_dims == 2 and self.config.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
@@ -636,41 +653,52 @@ class Trainer:
                 return model(batch)[0].float()
         from .inference import predict
 
-        probabilities = predict(model, image, normalization=False, device=self.device,
+        probabilities = predict(model, image, normalization=False, device=self.device, tta=tta,
                                 label_offset=(0.0,) * self.spatial_dims)
         # probabilities (n_classes, *spatial) -> log-probabilities; a (1, Y, X) image came back
         # as a one-slice stack, (n_classes, 1, Y, X)
         probabilities = np.asarray(probabilities).reshape(-1, *sample.spatial_shape)
         return torch.from_numpy(probabilities).clamp_min(1e-12).log()
 
-    def _validate(self, start: float, ignore_stop: bool = False) -> TrainEvent | None:
-        model = self._evaluated
-        was_training = model.training
-        model.eval()
+    def _validation_scores(self, model: nn.Module, offset: tuple[float, ...], *, tta: bool = False,
+                           ignore_stop: bool = False) -> tuple[list[float], list[float]] | None:
+        """Dice and IoU per class of ``model`` on the validation samples; None if stopped."""
         predictions, targets, weights = [], [], []
-        try:
-            if self._stop_event.is_set() and not ignore_stop:
-                return None
-            if time.perf_counter() - self._offset_measured_at >= _OFFSET_REMEASURE_SECONDS:
-                self._measure_label_offset(model, _OFFSET_PIXELS_DURING)
-                self._offset_measured_at = time.perf_counter()
-            offset = self._label_offset
-            model.label_offset = offset
+        with _eval_mode(model):
             for sample in self.val_samples:
                 if self._stop_event.is_set() and not ignore_stop:
                     return None
-                probabilities = _probabilities(self._predict_sample_logits(sample))
+                probabilities = _probabilities(self._predict_sample_logits(sample, model, tta=tta))
                 classes = _to_classes(label_offset.apply_offset(probabilities[None], offset))[0]
                 predictions.append(classes.cpu().numpy().ravel())
                 targets.append(sample.labels.ravel())
                 weights.append(sample.weights.ravel())
-        finally:
-            model.train(was_training)
         prediction = np.concatenate(predictions)
         target = np.concatenate(targets)
         weight = np.concatenate(weights)
         dice = [float(v) for v in metrics.dice_per_class(prediction, target, self.n_classes, weight)]
         iou = [float(v) for v in metrics.iou_per_class(prediction, target, self.n_classes, weight)]
+        return dice, iou
+
+    def _validate(self, start: float, ignore_stop: bool = False) -> TrainEvent | None:
+        model = self._evaluated
+        if self._stop_event.is_set() and not ignore_stop:
+            return None
+        if time.perf_counter() - self._offset_measured_at >= _OFFSET_REMEASURE_SECONDS:
+            measure_start = time.perf_counter()
+            self._measure_label_offset(model, _OFFSET_PIXELS_DURING)
+            self._offset_measured_at = time.perf_counter()
+            offset_seconds = self._offset_measured_at - measure_start
+        else:
+            offset_seconds = None
+        offset = self._label_offset
+        model.label_offset = offset
+        predict_start = time.perf_counter()
+        scores = self._validation_scores(model, offset, ignore_stop=ignore_stop)
+        if scores is None:
+            return None
+        dice, iou = scores
+        self._update_finish_reserve(time.perf_counter() - predict_start, offset_seconds)
         elapsed = self._elapsed(time.perf_counter(), start)
         self.history["val_step"].append(self._step)
         self.history["val_elapsed"].append(round(elapsed, 3))
@@ -688,8 +716,54 @@ class Trainer:
             self._stale_validations += 1
             if self.config.schedule == "plateau" and self._stale_validations % self.config.plateau_patience == 0:
                 self._lr_scale *= self.config.plateau_factor
+        self._keep_candidate(score, dice, model, offset)
         return TrainEvent("validation", self._step, elapsed, dice=dice, iou=iou,
                           message=f"validation mean Dice {score:.4f}")
+
+    def _keep_candidate(self, score: float, dice: list[float], model: nn.Module,
+                        offset: tuple[float, ...]) -> None:
+        """Keep these weights if they are among the ``tta_candidates`` best validated so far."""
+        limit = self.config.tta_candidates
+        if limit < 2 or (len(self._candidates) >= limit and score <= self._candidates[-1].score):
+            return
+        just_best = self.history["best_step"] == self._step and self._best_score == score
+        state = self._best_state if just_best else _state_copy(model)  # no second copy of the best
+        self._candidates.append(_Candidate(score, self._step, dice, state, offset))
+        self._candidates.sort(key=lambda candidate: -candidate.score)
+        del self._candidates[limit:]
+
+    def _update_finish_reserve(self, predict_seconds: float, offset_seconds: float | None) -> None:
+        """Leave room in a time budget for what follows the last step: scoring the candidates with
+        8 views each, and measuring the label offset on 4x the pixels of a measurement in the run."""
+        if offset_seconds is not None:
+            self._offset_seconds = offset_seconds
+        offset_part = 4 * self._offset_seconds if self.config.fit_label_offset else 0.0
+        candidates_part = 8 * predict_seconds * self.config.tta_candidates if self.config.tta_candidates > 1 else 0.0
+        budget = self.config.time_budget or 0.0
+        self._finish_reserve = min(0.1 * budget, offset_part + candidates_part)
+
+    def _choose_with_tta(self) -> list[dict] | None:
+        """Score the candidates with test-time augmentation; the best becomes the kept weights.
+
+        Returns what was compared (also in ``history["tta_choice"]``), or None when there was
+        nothing to choose or Stop came first (then the best single-view weights stay).
+        """
+        if len(self._candidates) < 2:
+            return None
+        scratch = copy.deepcopy(self.model)
+        scored = []
+        for candidate in self._candidates:
+            scratch.load_state_dict(candidate.state)
+            scores = self._validation_scores(scratch, candidate.offset, tta=True)
+            if scores is None:  # Stop came first
+                return None
+            scored.append((float(np.mean(scores[0])), candidate, scores[0]))
+        _, kept, _ = max(scored, key=lambda item: item[0])
+        self._best_state, self._best_offset = kept.state, kept.offset
+        self.history["best_step"], self.history["best_val_dice"] = kept.step, kept.dice
+        self.history["tta_choice"] = [{"step": c.step, "dice": c.dice, "tta_dice": tta_dice}
+                                      for _, c, tta_dice in scored]
+        return self.history["tta_choice"]
 
     def _measure_label_offset(self, model: nn.Module, pixel_budget: int) -> tuple[float, ...]:
         """The label offset of ``model`` on up to ``pixel_budget`` training pixels (label_offset.py).
@@ -701,7 +775,8 @@ class Trainer:
         if not self.config.fit_label_offset:
             return current
         samples = _spread_subset([s for s in self.train_samples if s.labelled_pixels], pixel_budget)
-        probabilities = [_probabilities(self._predict_sample_logits(s, model)) for s in samples]
+        with _eval_mode(model):
+            probabilities = [_probabilities(self._predict_sample_logits(s, model)) for s in samples]
         self._label_offset = label_offset.estimate_offset(
             probabilities, [s.labels for s in samples], [s.weights for s in samples], current)
         return self._label_offset
@@ -711,14 +786,8 @@ class Trainer:
         return patience is not None and self._stale_validations >= patience
 
     def _preview(self, start: float) -> TrainEvent:
-        model = self._evaluated
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                payload = self.preview_fn(model)
-        finally:
-            model.train(was_training)
+        with _eval_mode(self._evaluated) as model, torch.no_grad():
+            payload = self.preview_fn(model)
         return TrainEvent("preview", self._step, self._elapsed(time.perf_counter(), start), payload=payload)
 
     def _restore_best(self) -> None:
@@ -763,6 +832,28 @@ def _cut_to_budget(sample: Sample, pixel_budget: int) -> Sample:
     keep = max(1, pixel_budget * sample.spatial_shape[0] // pixels)
     first = (sample.spatial_shape[0] - keep) // 2  # around the middle
     return sample.along_first_axis(slice(first, first + keep))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode, then back: batch norm uses its running statistics and keeps them."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Candidate:
+    """Weights of one validation, kept for the final choice with test-time augmentation."""
+
+    score: float  # mean Dice over the classes, one view
+    step: int
+    dice: list[float]
+    state: dict[str, torch.Tensor]
+    offset: tuple[float, ...]
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

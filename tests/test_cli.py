@@ -94,24 +94,31 @@ def test_train_no_label_offset_keeps_the_offset_at_zero(trained, tmp_path, capsy
     assert outputs[True] == ([0.0, 0.0], (0.0, 0.0))
 
 
-def test_train_dice_fade_reaches_the_config(trained, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "option, field, cases, bad",
+    [
+        ("--dice-fade", "dice_fade", [([], 0.3), (["0.5"], 0.5), (["0"], None)], ("2", "must be in [0, 1]")),
+        ("--tta-candidates", "tta_candidates", [([], 4), (["1"], 1), (["6"], 6)], ("0", "must be at least 1")),
+    ],
+)
+def test_train_options_reach_the_config(trained, tmp_path, capsys, monkeypatch, option, field, cases, bad):
     _, images, labels, _ = trained
     seen = []
     real_train_model = cli.train_model
 
     def recording_train_model(*args, **kwargs):
-        seen.append(kwargs["config"].dice_fade)
+        seen.append(getattr(kwargs["config"], field))
         return real_train_model(*args, **kwargs)
 
     monkeypatch.setattr(cli, "train_model", recording_train_model)
-    for flag in ([], ["--dice-fade", "0.5"], ["--dice-fade", "0"]):
+    for value, _expected in cases:
         code, _, _ = run(capsys, "train", "--images", images, "--labels", labels, "--steps", "1",
-                         "--output", tmp_path / "model.pt", *TINY, *flag)
+                         "--output", tmp_path / "model.pt", *TINY, *([option, *value] if value else []))
         assert code == 0
-    assert seen == [0.3, 0.5, None]
+    assert seen == [expected for _value, expected in cases]
     code, _, err = run(capsys, "train", "--images", images, "--labels", labels, "--steps", "1",
-                       "--output", tmp_path / "model.pt", *TINY, "--dice-fade", "2")
-    assert code == 2 and "must be in [0, 1]" in err
+                       "--output", tmp_path / "model.pt", *TINY, option, bad[0])
+    assert code == 2 and bad[1] in err
 
 
 @pytest.mark.parametrize(

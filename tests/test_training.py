@@ -257,12 +257,78 @@ def test_out_of_memory_becomes_a_plain_error():
         ({"val_fraction": 1.5}, TrainingError),
         ({"dice_fade": 0.0}, TrainingError),
         ({"min_lr_fraction": 1.5}, TrainingError),
+        ({"tta_candidates": 0}, TrainingError),
     ],
 )
 def test_bad_settings_raise_plain_errors(overrides, error):
     images, labels = toy_stack()
     with pytest.raises(error):
         Trainer(tiny_model(), images, labels, config=config(**overrides))
+
+
+def _tta_dice(model, images, labels):
+    """Dice per class of predict(tta=True) on a stack, as the trainer's final choice scores it."""
+    from napari_unet import metrics
+    from napari_unet.inference import predict, probabilities_to_labels
+
+    prediction = probabilities_to_labels(predict(model, images, tta=True, device="cpu"))
+    return metrics.dice_per_class(prediction, labels.astype(np.int64), 2)
+
+
+def test_the_kept_weights_are_the_best_with_tta_of_the_best_validations():
+    images, labels = toy_stack(n=6)
+    settings = config(steps=12, val_every=2, learning_rate=0.02, tta_candidates=3, fit_label_offset=False)
+    trainer = Trainer(tiny_model(), images[:4], labels[:4], val_images=images[4:], val_labels=labels[4:],
+                      config=settings)
+    events = list(trainer.run())
+    history = trainer.history
+    choice = history["tta_choice"]
+    single_view = dict(zip(history["val_step"], (float(np.mean(d)) for d in history["val_dice"])))
+    # the three best single-view validations, compared with 8 views each
+    assert sorted(c["step"] for c in choice) == sorted(sorted(single_view, key=single_view.get)[-3:])
+    kept = max(choice, key=lambda c: np.mean(c["tta_dice"]))
+    assert history["best_step"] == kept["step"] and history["best_val_dice"] == kept["dice"]
+    np.testing.assert_allclose(_tta_dice(trainer.model, images[4:], labels[4:]), kept["tta_dice"], atol=1e-6)
+    assert f"kept step {kept['step']}" in events[-1].message
+
+
+def test_one_candidate_or_stop_keeps_the_best_single_view_weights():
+    images, labels = toy_stack(n=6)
+    data = dict(val_images=images[4:], val_labels=labels[4:])
+    single = Trainer(tiny_model(), images[:4], labels[:4], config=config(steps=8, val_every=2, tta_candidates=1),
+                     **data)
+    single.fit()
+    best = max(zip(single.history["val_dice"], single.history["val_step"]), key=lambda d: np.mean(d[0]))
+    assert "tta_choice" not in single.history and single.history["best_step"] == best[1]
+
+    stopped = Trainer(tiny_model(), images[:4], labels[:4], config=config(steps=1000, val_every=2), **data)
+    stopped.callbacks.append(lambda event: stopped.stop() if event.kind == "step" and event.step == 6 else None)
+    stopped.fit()
+    assert "tta_choice" not in stopped.history and stopped.history["val_step"] == [2, 4]
+
+
+def test_measuring_the_label_offset_changes_no_weights_or_statistics():
+    # it runs on the weight average in training mode during a run: batch norm must use, and keep,
+    # its running statistics, or the validation that follows would see others
+    images, labels = toy_stack(n=4)
+    trainer = Trainer(tiny_model(), images, labels, config=config(steps=2))
+    model = trainer.model.train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    trainer._measure_label_offset(model, 2**19)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_time_budget_leaves_room_for_the_final_choice():
+    images, labels = toy_stack(n=6)
+    trainer = Trainer(tiny_model(), images[:4], labels[:4], val_images=images[4:], val_labels=labels[4:],
+                      config=config(steps=None, time_budget=3.0, val_every=2))
+    trainer.fit()
+    assert 0 < trainer._finish_reserve <= 0.1 * 3.0  # a tenth of the budget at most
+    # however slow the machine, the run validated often enough to compare its best weights
+    assert len(trainer.history["val_step"]) >= 2
+    assert len(trainer.history["tta_choice"]) == min(4, len(trainer.history["val_step"]))
 
 
 def test_labels_outside_the_models_classes_are_refused():
