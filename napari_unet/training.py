@@ -490,6 +490,7 @@ class Trainer:
         self._evaluated = averaged.model
         self._offset_measured_at = -math.inf
         self._finish_reserve = 0.0  # estimated again at every validation
+        self.history.pop("tta_choice", None)  # describes the latest run's choice only
         self._evaluated.label_offset = self._label_offset
 
         run_steps = 0

@@ -305,6 +305,13 @@ def test_one_candidate_or_stop_keeps_the_best_single_view_weights():
     stopped.callbacks.append(lambda event: stopped.stop() if event.kind == "step" and event.step == 6 else None)
     stopped.fit()
     assert "tta_choice" not in stopped.history and stopped.history["val_step"] == [2, 4]
+    # a later run that chooses nothing (here: stopped) does not keep an earlier run's record
+    single.config.tta_candidates = 4
+    single.fit()
+    assert len(single.history["tta_choice"]) == 4
+    single.callbacks.append(lambda event: single.stop() if event.kind == "step" else None)
+    single.fit()
+    assert "tta_choice" not in single.history
 
 
 def test_measuring_the_label_offset_changes_no_weights_or_statistics():
