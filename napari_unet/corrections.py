@@ -711,7 +711,7 @@ def build_finetune_trainer(
     has none), with the statistics inference uses: a 2D model's slices each on their own, a 3D
     model's crop on the whole volume's (Segment predicts the volume whole).
     """
-    from napari_unet import io
+    from napari_unet.inference import volume_statistics
     from napari_unet.training import Trainer
 
     settings = settings or FinetuneSettings()
@@ -721,9 +721,8 @@ def build_finetune_trainer(
         image, labels, state, spatial_dims=spatial_dims, n_classes=n_classes, margin=settings.margin,
         balance_classes=settings.balance_classes,
     )
-    normalization = getattr(model, "normalization", None) or io.DEFAULT_NORMALIZATION
-    if spatial_dims == 3:  # training_arrays crops the volume
-        normalization = io.compute_normalization(image, normalization)
+    # training_arrays crops a 3D volume: the crop gets the whole volume's statistics
+    normalization = volume_statistics(model, image) or getattr(model, "normalization", None)
     return Trainer(
         model,
         images,

@@ -77,6 +77,7 @@ __all__ = [
     "labels_to_instances",
     "predict",
     "probabilities_to_labels",
+    "volume_statistics",
 ]
 
 log = logging.getLogger(__name__)
@@ -403,6 +404,15 @@ def _normalization_stats(model: nn.Module, image: Any, normalization: dict | boo
     if int(model.spatial_dims) == 2:
         return _PlaneStatistics(spec)
     return image_io.compute_normalization(image, spec)
+
+
+def volume_statistics(model: nn.Module, image: Any) -> dict | None:
+    """A 3D model's normalisation statistics of the whole ``image``, as ``predict`` measures them.
+
+    For a part of a volume (a crop to fine-tune on, a slab to preview or predict), which must be
+    normalised as the volume it belongs to. None for a 2D model: its unit, one slice, is whole.
+    """
+    return _normalization_stats(model, image, None) if int(model.spatial_dims) == 3 else None
 
 
 def _normalize(block: np.ndarray, stats: Statistics, first_z: int = 0,

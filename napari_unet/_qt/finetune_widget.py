@@ -160,15 +160,6 @@ def _preview_prediction(model, run: TrainingRun, stats: dict | None):
     return region, probabilities_to_labels(probs)
 
 
-def _preview_statistics(model, image: Any, spec: dict) -> dict | None:
-    """Normalisation statistics for previews, measured once: a 3D model's slab is normalised as
-    its whole volume. None for a 2D model: its preview is one whole slice, which ``predict``
-    normalises on its own statistics, as the trainer does each training slice."""
-    from napari_unet import io
-
-    return None if int(model.spatial_dims) == 2 else io.compute_normalization(image, spec)
-
-
 def _image_region(image: Any, region: tuple, model) -> np.ndarray:
     """The raw image under a spatial ``region``, keeping a channel axis where the image has one."""
     spatial = len(region)
@@ -186,10 +177,13 @@ def _training_job(run: TrainingRun):
     """The training generator run in a worker: yields TrainEvents and Notices, returns the run."""
     from napari_unet import devices, io
     from napari_unet.checkpoint import load_checkpoint
+    from napari_unet.inference import volume_statistics
     from napari_unet.training import TrainingOutOfMemory
 
     spec = getattr(run.model, "normalization", None) or io.DEFAULT_NORMALIZATION
-    stats = _preview_statistics(run.model, run.image, spec)
+    # a 3D model's preview slab is normalised as its whole volume; a 2D model's preview is one
+    # whole slice, which predict normalises on its own statistics, as in training
+    stats = volume_statistics(run.model, run.image)
     settings = run.settings
     spatial_dims = int(run.model.spatial_dims)
     retried = False

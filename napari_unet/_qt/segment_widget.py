@@ -788,12 +788,12 @@ def _volume_statistics(model: nn.Module, request: SegmentRequest) -> dict | None
     model's slice is a whole image already (None: predict measures it).
     """
     from napari_unet import io as image_io
+    from napari_unet.inference import volume_statistics
 
     if request.slice_window is None or int(model.spatial_dims) != 3:
         return None
     volume = image_io.rgb_to_grayscale(request.data) if request.to_grayscale else request.data
-    spec = getattr(model, "normalization", None) or image_io.DEFAULT_NORMALIZATION
-    return image_io.compute_normalization(volume, spec)
+    return volume_statistics(model, volume)
 
 
 def _crop_to_window(data: Any, request: SegmentRequest) -> Any:

@@ -324,7 +324,9 @@ def test_the_preview_normalises_a_slice_as_training_and_segment_do():
     stack = np.stack([raw * 1000 + 100, raw * 300 + 5000, raw * 3000]).astype(np.uint16)
     run = SimpleNamespace(preview_region=(2, slice(0, 64), slice(0, 64)), image=stack,
                           settings=SimpleNamespace(device="cpu"), stop_requested=False)
-    stats = fw._preview_statistics(model, stack, io.DEFAULT_NORMALIZATION)
+    from napari_unet.inference import volume_statistics
+
+    stats = volume_statistics(model, stack)
     region, labels = fw._preview_prediction(model, run, stats)
     assert region == run.preview_region
     expected = probabilities_to_labels(predict(model, stack, device="cpu"))[2]
