@@ -116,7 +116,7 @@ def train_isbi(data: Path, seconds: float) -> dict:
     labels = io.read_labels(data / "train-labels.tif")
     config = cli.default_train_config(time_budget=seconds, device="cuda")
     model = cli.build_or_load_model(cli.DEFAULT_MODEL, width=cli.DEFAULT_WIDTH, depth=cli.DEFAULT_DEPTH,
-                                    in_channels=1, n_classes=2)
+                                    in_channels=1, n_classes=2, seed=config.seed)
     torch.cuda.reset_peak_memory_stats()
     run = isbi.train_and_score(model, config, images[isbi.TRAIN_SLICES], labels[isbi.TRAIN_SLICES],
                                images[isbi.VAL_SLICES], labels[isbi.VAL_SLICES],

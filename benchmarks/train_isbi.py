@@ -211,10 +211,12 @@ def main(argv=None) -> int:
     if args.dropout:  # a model option the CLI does not expose
         from napari_unet.models import build_model
 
+        torch.manual_seed(args.seed)
         model = build_model(args.model, in_channels=1, out_channels=1, width=args.width, depth=args.depth,
                             dropout=args.dropout)
     else:
-        model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
+        model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2,
+                                         seed=args.seed)
 
     def dice_text(dice) -> str:
         return f"membrane {dice[MEMBRANE]:.4f}  cell {dice[CELL]:.4f}"

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     volume = io.read_image(args.data / "volume.tif")
     labels = io.read_labels(args.data / "labels.tif")
     config = cli.default_train_config(time_budget=args.time_budget, learning_rate=args.lr, loss=args.loss, device="cpu")
-    model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2)
+    model = cli.build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=1, n_classes=2,
+                                   seed=config.seed)
 
     run = train_and_score(model, config, volume[TRAIN_SLICES], labels[TRAIN_SLICES], volume[VAL_SLICES],
                           labels[VAL_SLICES], lambda dice: f"mitochondria Dice {dice[MITO]:.4f}")

@@ -77,9 +77,13 @@ def split_channels(image: np.ndarray, labels: np.ndarray, spatial_dims: int) -> 
     return int(image.shape[axis])
 
 
-def build_or_load_model(name: str, *, width: int, depth: int, in_channels: int, n_classes: int, init=None):
+def build_or_load_model(name: str, *, width: int, depth: int, in_channels: int, n_classes: int, init=None,
+                        seed: int | None = None):
     """A fresh model for `n_classes` classes, or the one in checkpoint `init` (a path or a loaded
-    Checkpoint) to fine-tune."""
+    Checkpoint) to fine-tune. `seed` draws a fresh model's initial weights (the trainer seeds only
+    the run), so that one seed repeats a whole training run; the global random state is left as it was."""
+    import torch
+
     from .checkpoint import Checkpoint, load_checkpoint
     from .models import build_model
 
@@ -96,7 +100,11 @@ def build_or_load_model(name: str, *, width: int, depth: int, in_channels: int, 
         model.train()
         return model
     out_channels = 1 if n_classes <= 2 else n_classes
-    return build_model(name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth)
+    if seed is None:
+        return build_model(name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth)
 
 
 def train_model(
@@ -177,7 +185,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     in_channels = split_channels(image, labels, spatial_dims)
     n_classes = max(2, int(labels.max()) + 1)
     model = build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=in_channels,
-                                n_classes=n_classes, init=init)
+                                n_classes=n_classes, init=init, seed=args.seed)
     val_images = val_labels = None
     if args.val_images or args.val_labels:
         if not (args.val_images and args.val_labels):
@@ -192,7 +200,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, time_budget=args.time_budget, loss=args.loss, augment=not args.no_augment,
         schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=args.device,
         seed=args.seed, fit_label_offset=not args.no_label_offset, dice_fade=args.dice_fade or None,
-        tta_candidates=args.tta_candidates,
+        augment_ramp=_augment_ramp(args), tta_candidates=args.tta_candidates,
     )
     progress = _ProgressBar(config, enabled=not args.quiet)
     trainer = train_model(model, image, labels, config=config, val_images=val_images, val_labels=val_labels,
@@ -208,6 +216,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
                "best_val_dice_per_class": best, "label_offset": list(trainer.history.get("label_offset") or [])}
     print(json.dumps(summary))
     return 0
+
+
+def _augment_ramp(args: argparse.Namespace) -> float | None:
+    """The ramp asked for; by default the engine's for a new model and none for one to fine-tune,
+    which knows the plain images already and needs the regularisation from the first step."""
+    from .training import TrainConfig
+
+    if args.augment_ramp is None:
+        return None if args.init is not None else TrainConfig().augment_ramp
+    return args.augment_ramp or None
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -385,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dice-fade", type=_fade, default=defaults.dice_fade, metavar="F",
                        help=f"the loss's Dice term fades to 0 over this fraction of the budget, leaving cross-entropy "
                             f"(default {defaults.dice_fade}; 0 = keep it)")
+    train.add_argument("--augment-ramp", type=_fade, default=None, metavar="F",
+                       help="elastic and intensity augmentation rise from none to full over this fraction of the "
+                            f"budget (default {defaults.augment_ramp} for a new model, 0 with --init; "
+                            "0 = full from the start)")
     train.add_argument("--tta-candidates", type=_positive_int, default=defaults.tta_candidates, metavar="K",
                        help="keep the weights of the K best validations and, at the end, the best of them with "
                             f"8-view test-time augmentation (default {defaults.tta_candidates}; 1 = the best single view)")

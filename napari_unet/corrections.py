@@ -542,6 +542,10 @@ class FinetuneSettings:
             "time_budget": self.time_budget,
             "steps": self.steps,
             "anchor_weight": self.anchor_weight,
+            # a few corrections need augmentation's regularisation from the first step: ramped in
+            # (the engine's default for training from scratch), sparse strokes taught "membrane
+            # everywhere" on ISBI (benchmarks/results/TRAINING.md)
+            "augment_ramp": None,
         }
         if self.time_budget is None and self.steps is None:
             raise CorrectionsError("Give a time budget or a number of steps.")

@@ -20,7 +20,7 @@ import copy
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -103,6 +103,13 @@ class TrainConfig:
         ``predict(tta=True)`` does); the best of them is kept. One view's Dice is a noisy choice:
         a view can be lucky while the seven others are worse. 1 = the best single-view weights.
         A time budget leaves room for this scoring (and the final label-offset measurement).
+    augment_ramp: the probabilities of the elastic and intensity augmentations rise linearly from
+        0 to their full values over this fraction of the step or time budget (flips and
+        rotations are always on). The first steps learn the plain images, which reaches a useful
+        model sooner; the later ones get the full regularisation (the progressive learning of
+        EfficientNetV2). None = full augmentation from the start (also without a budget); the
+        Fine-tune dock and ``train --init`` use None: a trained model learning a few corrections
+        needs the regularisation from the first step.
     """
 
     patch_size: int | tuple[int, ...] | None = None
@@ -136,6 +143,7 @@ class TrainConfig:
     fit_label_offset: bool = True
     dice_fade: float | None = 0.3
     tta_candidates: int = 4
+    augment_ramp: float | None = 0.2
 
     def check(self) -> None:
         """Raise TrainingError (one plain sentence) for settings that cannot work."""
@@ -165,6 +173,8 @@ class TrainConfig:
             raise TrainingError(f"min_lr_fraction must be in [0, 1], not {self.min_lr_fraction}.")
         if self.dice_fade is not None and not 0 < self.dice_fade <= 1:
             raise TrainingError(f"dice_fade must be in (0, 1], not {self.dice_fade}.")
+        if self.augment_ramp is not None and not 0 < self.augment_ramp <= 1:
+            raise TrainingError(f"augment_ramp must be in (0, 1], not {self.augment_ramp}.")
         if self.tta_candidates < 1:
             raise TrainingError(f"tta_candidates must be at least 1, not {self.tta_candidates}.")
         if self.loss.strip().lower().replace("-", "_") not in losses.available_losses():
@@ -473,6 +483,7 @@ class Trainer:
         start = time.perf_counter()
         self._run_start = start
         augment = AugmentConfig() if config.augment else None
+        ramping = augment is not None and config.augment_ramp is not None
         sampler = PatchSampler(
             self._anchored_samples(), self.patch_size, device=self.device, augment=augment,
             label_focus=config.label_focus, extra_weights=self._loss_weights(),
@@ -509,6 +520,8 @@ class Trainer:
             lr = self._set_learning_rate(run_steps, progress)
             if dice_weight is not None and progress is not None:
                 loss_fn.dice_weight = dice_weight * max(0.0, 1.0 - progress / config.dice_fade)
+            if ramping and progress is not None:
+                sampler.augment = _ramped(augment, min(1.0, progress / config.augment_ramp))
             images, labels, weights = sampler.sample(config.batch_size, self._generator)
             if memory_format is not None:
                 images = images.contiguous(memory_format=memory_format)
@@ -798,6 +811,12 @@ class Trainer:
         self.model.eval()
         if self.spatial_dims == 2:
             self.model.to(memory_format=torch.contiguous_format)
+
+
+def _ramped(augment: AugmentConfig, fraction: float) -> AugmentConfig:
+    """``augment`` with its elastic and intensity probabilities scaled by ``fraction``."""
+    return replace(augment, elastic_probability=augment.elastic_probability * fraction,
+                   intensity_probability=augment.intensity_probability * fraction)
 
 
 def _has_cross_entropy_term(loss_fn: nn.Module) -> bool:

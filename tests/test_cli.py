@@ -77,6 +77,34 @@ def test_train_fine_tunes_from_a_checkpoint(trained, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "tuned.pt").config["width"] == 4  # the checkpoint's architecture
 
 
+def test_train_with_one_seed_repeats_from_the_initial_weights_on(trained, tmp_path, capsys):
+    import torch
+
+    _, images, labels, _ = trained
+    states = {}
+    for name, seed in (("first", "5"), ("again", "5"), ("other", "6")):
+        torch.manual_seed(int(seed) + 100)  # whatever the caller's random state, the seed decides
+        output = tmp_path / f"{name}.pt"
+        code, _, _ = run(capsys, "train", "--images", images, "--labels", labels, "--steps", "2", "--seed", seed,
+                         "--val-fraction", "0", "--output", output, *TINY)
+        assert code == 0
+        states[name] = load_checkpoint(output).model.state_dict()
+    assert all(torch.equal(states["first"][key], states["again"][key]) for key in states["first"])
+    assert not all(torch.equal(states["first"][key], states["other"][key]) for key in states["first"])
+
+
+def test_a_fresh_model_seed_leaves_the_global_random_state_alone():
+    import torch
+
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    first = cli.build_or_load_model("unet", width=4, depth=2, in_channels=1, n_classes=2, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    again = cli.build_or_load_model("unet", width=4, depth=2, in_channels=1, n_classes=2, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
 def test_train_no_label_offset_keeps_the_offset_at_zero(trained, tmp_path, capsys, monkeypatch):
     from napari_unet import label_offset
 
@@ -98,6 +126,7 @@ def test_train_no_label_offset_keeps_the_offset_at_zero(trained, tmp_path, capsy
     "option, field, cases, bad",
     [
         ("--dice-fade", "dice_fade", [([], 0.3), (["0.5"], 0.5), (["0"], None)], ("2", "must be in [0, 1]")),
+        ("--augment-ramp", "augment_ramp", [([], 0.2), (["0.5"], 0.5), (["0"], None)], ("2", "must be in [0, 1]")),
         ("--tta-candidates", "tta_candidates", [([], 4), (["1"], 1), (["6"], 6)], ("0", "must be at least 1")),
     ],
 )
@@ -119,6 +148,23 @@ def test_train_options_reach_the_config(trained, tmp_path, capsys, monkeypatch, 
     code, _, err = run(capsys, "train", "--images", images, "--labels", labels, "--steps", "1",
                        "--output", tmp_path / "model.pt", *TINY, option, bad[0])
     assert code == 2 and bad[1] in err
+
+
+def test_augment_ramp_defaults_to_none_when_fine_tuning(trained, tmp_path, capsys, monkeypatch):
+    _, images, labels, output = trained
+    seen = []
+    real_train_model = cli.train_model
+
+    def recording_train_model(*args, **kwargs):
+        seen.append(kwargs["config"].augment_ramp)
+        return real_train_model(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "train_model", recording_train_model)
+    for extra in ([], ["--augment-ramp", "0.4"]):
+        code, _, _ = run(capsys, "train", "--images", images, "--labels", labels, "--init", output, "--steps", "1",
+                         "--output", tmp_path / "tuned.pt", *TINY, *extra)
+        assert code == 0
+    assert seen == [None, 0.4]
 
 
 @pytest.mark.parametrize(

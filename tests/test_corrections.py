@@ -346,3 +346,11 @@ def test_one_class_warning_when_strokes_are_nearly_all_one_class():
     reviewed = CorrectionState(labels.shape)
     reviewed.mark_reviewed(0)
     assert corrections.one_class_warning(labels, reviewed, names) is None  # a reviewed slice has every class
+
+
+def test_fine_tuning_augments_fully_from_the_first_step():
+    from napari_unet.training import TrainConfig
+
+    assert TrainConfig().augment_ramp is not None  # training from scratch ramps augmentation in
+    assert corrections.FinetuneSettings().train_config(2).augment_ramp is None
+    assert corrections.FinetuneSettings().train_config(3).augment

@@ -258,6 +258,8 @@ def test_out_of_memory_becomes_a_plain_error():
         ({"dice_fade": 0.0}, TrainingError),
         ({"min_lr_fraction": 1.5}, TrainingError),
         ({"tta_candidates": 0}, TrainingError),
+        ({"augment_ramp": 0.0}, TrainingError),
+        ({"augment_ramp": 1.5}, TrainingError),
     ],
 )
 def test_bad_settings_raise_plain_errors(overrides, error):
@@ -590,6 +592,29 @@ def test_the_dice_term_fades_over_the_budget(monkeypatch, loss, fade, expected):
     images, labels = toy_stack()
     Trainer(tiny_model(), images, labels, config=config(steps=10, loss=loss, dice_fade=fade)).fit()
     assert recorders[0].seen == expected
+
+
+@pytest.mark.parametrize(("ramp", "expected"), [
+    (0.5, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    (None, [1.0] * 10),
+])
+def test_elastic_and_intensity_augmentation_ramp_up_over_the_budget(monkeypatch, ramp, expected):
+    from napari_unet import data
+
+    seen = []
+    real_sample = data.PatchSampler.sample
+
+    def recording_sample(self, *args, **kwargs):
+        full = data.AugmentConfig()
+        seen.append((self.augment.flips, self.augment.rotations, self.augment.elastic,
+                     round(self.augment.elastic_probability / full.elastic_probability, 6),
+                     round(self.augment.intensity_probability / full.intensity_probability, 6)))
+        return real_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(data.PatchSampler, "sample", recording_sample)
+    images, labels = toy_stack()
+    Trainer(tiny_model(), images, labels, config=config(steps=10, augment_ramp=ramp)).fit()
+    assert seen == [(True, True, True, fraction, fraction) for fraction in expected]
 
 
 def test_a_dice_loss_alone_does_not_fade():
