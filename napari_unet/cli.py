@@ -100,10 +100,9 @@ def build_or_load_model(name: str, *, width: int, depth: int, in_channels: int, 
         model.train()
         return model
     out_channels = 1 if n_classes <= 2 else n_classes
-    if seed is None:
-        return build_model(name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         return build_model(name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth)
 
 

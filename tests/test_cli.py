@@ -77,7 +77,7 @@ def test_train_fine_tunes_from_a_checkpoint(trained, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "tuned.pt").config["width"] == 4  # the checkpoint's architecture
 
 
-def test_train_with_one_seed_repeats_from_the_initial_weights_on(trained, tmp_path, capsys):
+def test_train_with_one_seed_repeats_exactly(trained, tmp_path, capsys):
     import torch
 
     _, images, labels, _ = trained
