@@ -26,10 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import train_isbi as isbi  # noqa: E402  (the benchmark's split and class indices)
 from napari_unet import cli, io, training  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "first_seconds_probes.jsonl"
-MEMBRANE, CELL = 0, 1
+MEMBRANE, CELL = isbi.MEMBRANE, isbi.CELL
 
 
 def main(argv=None) -> int:
@@ -64,13 +65,14 @@ def main(argv=None) -> int:
             validations.append([round(event.elapsed, 1), event.step, round(event.dice[MEMBRANE], 4),
                                 round(event.dice[CELL], 4), list(trainer._label_offset)])
 
-    trainer = training.Trainer(model, images[:20], labels[:20], val_images=images[20:24], val_labels=labels[20:24],
+    trainer = training.Trainer(model, images[isbi.TRAIN_SLICES], labels[isbi.TRAIN_SLICES],
+                               val_images=images[isbi.VAL_SLICES], val_labels=labels[isbi.VAL_SLICES],
                                config=config, callbacks=[record])
     trainer.fit()
     losses = np.asarray(losses)
     result = {
         "name": args.name, "seed": args.seed, "set": args.set, "augment": args.augment, "adam_betas": args.adam_betas,
-        "time_to_membrane_dice_0.80_s": next((v[0] for v in validations if v[2] >= 0.80), None),
+        "time_to_membrane_dice_0.80_s": isbi.first_time_reaching(trainer.history, MEMBRANE, 0.80),
         "validations": validations,
         "loss_per_20_steps": [round(float(losses[i:i + 20].mean()), 3) for i in range(0, min(len(losses), 120), 20)],
     }
