@@ -53,6 +53,7 @@ START_SLICES = slice(0, 4)
 CORRECTED = (4, 5)
 REFERENCE_SLICES = slice(0, 20)
 TEST_SLICES = slice(20, 24)
+CANDIDATE_SLICES = slice(4, 20)  # what a guided user may correct: not trained on, not tested on
 
 
 def load_isbi(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -93,12 +94,28 @@ def _steps(history: dict) -> int | None:
     return len(losses) if isinstance(losses, list) else None
 
 
+def cached_start_model(args, image, truth) -> tuple[torch.nn.Module, dict]:
+    """The start model, trained once per --start-cache file (ablations reuse it; None: always trained)."""
+    from napari_unet.checkpoint import load_checkpoint, save_checkpoint
+
+    cache = args.start_cache
+    if cache is not None and cache.exists():
+        info = json.loads(cache.with_suffix(".json").read_text())
+        return load_checkpoint(cache).model, info
+    model, info = train_from_scratch(args, image[START_SLICES], truth[START_SLICES], 1)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(cache, model, normalization=model.normalization)
+        cache.with_suffix(".json").write_text(json.dumps(info))
+    return model, info
+
+
 def finetune(args, start_model, image, user_labels, state) -> tuple[torch.nn.Module, dict]:
     """The widget's path: GUI default settings, with the run's time budget and device."""
     overrides = {"device": args.device, "seed": args.seed}
     overrides.update({"time_budget": None, "steps": args.steps} if args.steps else {"time_budget": args.seconds})
     # ablations only: the default run leaves every other setting at the widget's default
-    for name in ("learning_rate", "margin", "balance_classes", "anchor_weight"):
+    for name in ("learning_rate", "margin", "balance_classes", "anchor_weight", "replay_share"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     settings = FinetuneSettings(**overrides)
@@ -106,7 +123,9 @@ def finetune(args, start_model, image, user_labels, state) -> tuple[torch.nn.Mod
     for name in ("normalization", "class_names"):
         if hasattr(start_model, name):
             setattr(model, name, copy.deepcopy(getattr(start_model, name)))
-    trainer = build_finetune_trainer(model, image, user_labels, state, settings)
+    # replay: the start model's training data, as the Fine-tune dock finds it in a checkpoint's provenance
+    replay = (image[START_SLICES], args.truth[START_SLICES]) if args.replay else None
+    trainer = build_finetune_trainer(model, image, user_labels, state, settings, replay=replay)
     started = time.perf_counter()
     history = trainer.fit()
     return trainer.model, {
@@ -115,16 +134,28 @@ def finetune(args, start_model, image, user_labels, state) -> tuple[torch.nn.Mod
         "settings": settings.to_dict(),
         "confirmed_pixels": state.counts(settings.margin).confirmed,
         "reviewed_slices": sorted(state.reviewed_slices),
+        "replay": bool(args.replay),
     }
 
 
-def sparse_strokes(start_pred: np.ndarray, truth: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """Pixels (bool mask) a user fixes in slices 4-5: whole error regions, biggest first."""
+def guided_slices(model, image: np.ndarray, device: str, count: int = 2) -> tuple[list[int], list]:
+    """The ``count`` slices the Correct next dock ranks worst, among those neither trained nor tested on."""
+    from napari_unet.uncertainty import predict_with_uncertainty, rank_slices
+
+    probabilities, uncertainty = predict_with_uncertainty(model, image[CANDIDATE_SLICES], device=device)
+    ranking = [(z + CANDIDATE_SLICES.start, score)
+               for z, score in rank_slices(uncertainty, probabilities=probabilities)]
+    return sorted(z for z, _ in ranking[:count]), [(z, round(score, 5)) for z, score in ranking]
+
+
+def sparse_strokes(start_pred: np.ndarray, truth: np.ndarray, share: float, seed: int,
+                   slices: tuple[int, ...] = CORRECTED) -> np.ndarray:
+    """Pixels (bool mask) a user fixes in ``slices``: whole error regions, biggest first."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(truth.shape, bool)
-    budget = int(round(share * len(CORRECTED) * truth.shape[1] * truth.shape[2]))
+    budget = int(round(share * len(slices) * truth.shape[1] * truth.shape[2]))
     regions = []
-    for z in CORRECTED:
+    for z in slices:
         wrong = start_pred[z] != truth[z]
         components, count = ndimage.label(wrong)
         sizes = np.bincount(components.ravel())[1:]
@@ -153,7 +184,9 @@ def main(argv=None) -> dict:
         "--steps", type=int, default=0,
         help="budget in optimisation steps instead of seconds (load-independent; reference gets twice as many)",
     )
-    parser.add_argument("--mode", choices=("slices", "strokes", "both"), default="both")
+    parser.add_argument("--mode", choices=("slices", "strokes", "both", "none"), default="both")
+    parser.add_argument("--guided", action="store_true",
+                        help="correct the 2 slices of 4-19 the uncertainty ranks worst (default: slices 4-5)")
     parser.add_argument("--stroke-share", type=float, default=0.02)
     parser.add_argument("--model", default="unet")
     parser.add_argument("--width", type=int, default=16, help="the Fine-tune widget's fresh-model default")
@@ -163,6 +196,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--learning-rate", type=float, default=None, help="ablation: fine-tune learning rate")
     parser.add_argument("--margin", type=int, default=None, help="ablation: stroke margin in pixels")
     parser.add_argument("--anchor-weight", type=float, default=None, help="ablation: weight of the start model's own labels")
+    parser.add_argument("--replay-share", type=float, default=None, help="ablation: share of replayed patches")
+    parser.add_argument("--no-replay", dest="replay", action="store_false",
+                        help="fine-tune on the corrections alone (the start model's training data not replayed)")
+    parser.add_argument("--start-cache", type=Path, default=None,
+                        help="save the start model here, or load it if the file exists (ablations)")
+    parser.add_argument("--control", action="store_true",
+                        help="also fine-tune on the replayed data alone: what the corrections add beyond it")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference run (ablations)")
     parser.add_argument("--balance-classes", action="store_true", default=None, help="ablation: balanced class weights")
     parser.add_argument(
@@ -175,6 +215,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     image, truth = load_isbi(args.data)
+    args.truth = truth
     device = str(resolve_device(args.device))
     report: dict = {
         "command": " ".join(["python benchmarks/human_in_the_loop.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -192,24 +233,30 @@ def main(argv=None) -> dict:
 
     unit = f"{args.steps} steps" if args.steps else f"{args.seconds:g} s"
     print(f"start model: {unit} on slices 0-3 ({device})", flush=True)
-    start_model, start_info = train_from_scratch(args, image[START_SLICES], truth[START_SLICES], 1)
+    start_model, start_info = cached_start_model(args, image, truth)
     report["start"] = {**start_info, **test_dice(start_model, image, truth, device)}
     print("  ", report["start"], flush=True)
     start_pred = segment(start_model, image, device)  # what the Segment widget would show
+    corrected = CORRECTED
+    if args.guided:  # the slices the Correct next dock ranks worst by the start model's uncertainty
+        corrected, ranking = guided_slices(start_model, image, device)
+        report["guided"] = {"corrected_slices": list(corrected), "ranking": ranking}
+        print(f"guided: correct slices {corrected}", flush=True)
+    report["corrected_slices"] = list(corrected)
 
     if args.mode in ("slices", "both"):
         user = start_pred.copy()
         state = CorrectionState(user.shape)
-        for z in CORRECTED:
+        for z in corrected:
             user[z] = truth[z]
             state.mark_reviewed(z)
-        print(f"fine-tune on reviewed slices 4-5: {unit}", flush=True)
+        print(f"fine-tune on reviewed slices {corrected}: {unit}", flush=True)
         model, info = finetune(args, start_model, image, user, state)
         report["runs"]["reviewed_slices"] = {**info, **test_dice(model, image, truth, device)}
         print("  ", {k: v for k, v in report["runs"]["reviewed_slices"].items() if k != "settings"}, flush=True)
 
     if args.mode in ("strokes", "both"):
-        strokes = sparse_strokes(start_pred, truth, args.stroke_share, args.seed)
+        strokes = sparse_strokes(start_pred, truth, args.stroke_share, args.seed, tuple(corrected))
         user = start_pred.copy()
         user[strokes] = truth[strokes]
         state = CorrectionState(user.shape)
@@ -217,9 +264,24 @@ def main(argv=None) -> dict:
         print(f"fine-tune on sparse strokes ({strokes.sum()} px): {unit}", flush=True)
         model, info = finetune(args, start_model, image, user, state)
         info["stroke_pixels"] = int(strokes.sum())
-        info["stroke_share_of_slices_4_5"] = round(float(strokes.sum()) / (2 * truth.shape[1] * truth.shape[2]), 4)
+        info["stroke_share_of_corrected_slices"] = round(
+            float(strokes.sum()) / (len(corrected) * truth.shape[1] * truth.shape[2]), 4)
         report["runs"]["sparse_strokes"] = {**info, **test_dice(model, image, truth, device)}
         print("  ", {k: v for k, v in report["runs"]["sparse_strokes"].items() if k != "settings"}, flush=True)
+
+    if args.control:
+        # the control: the same fine-tuning on the replayed data alone, no correction at all
+        print(f"control: fine-tune on the start model's training data alone: {unit}", flush=True)
+        model = copy.deepcopy(start_model)
+        settings = FinetuneSettings(device=args.device, seed=args.seed,
+                                    **({"time_budget": None, "steps": args.steps} if args.steps
+                                       else {"time_budget": args.seconds}))
+        trainer = Trainer(model, image[START_SLICES], truth[START_SLICES], config=settings.train_config(2))
+        started = time.perf_counter()
+        history = trainer.fit()
+        report["runs"]["replay_only"] = {"seconds": round(time.perf_counter() - started, 1), "steps": _steps(history),
+                                         **test_dice(trainer.model, image, truth, device)}
+        print("  ", report["runs"]["replay_only"], flush=True)
 
     if not args.no_reference:
         print(f"reference: 2 x {unit} from scratch on slices 0-19", flush=True)
@@ -228,7 +290,8 @@ def main(argv=None) -> dict:
         print("  ", report["reference"], flush=True)
         for run in report["runs"].values():
             run["membrane_dice_gap_to_reference"] = round(run["membrane_dice"] - report["reference"]["membrane_dice"], 4)
-            run["membrane_dice_gain_over_start"] = round(run["membrane_dice"] - report["start"]["membrane_dice"], 4)
+    for run in report["runs"].values():
+        run["membrane_dice_gain_over_start"] = round(run["membrane_dice"] - report["start"]["membrane_dice"], 4)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -31,7 +31,7 @@ OPEN_VIEWERS: list[Any] = []
 
 
 def launch(block: bool = True) -> napari.Viewer:
-    """Open a viewer with the EM sample and the Segment and Fine-tune widgets docked.
+    """Open a viewer with the EM sample and the Segment, Fine-tune and Correct next widgets docked.
 
     With ``block=True`` this runs napari's event loop until the window closes.
     """
@@ -46,6 +46,7 @@ def launch(block: bool = True) -> napari.Viewer:
     segment_dock, segment = _dock(viewer, "Segment", "napari_unet._qt.segment_widget", "SegmentWidget")
     # a tab beside Segment: each widget keeps the full height of the dock
     _dock(viewer, "Fine-tune", "napari_unet._qt.finetune_widget", "FinetuneWidget", tabify=True)
+    _dock(viewer, "Correct next", "napari_unet._qt.review_widget", "ReviewWidget", tabify=True)
     if segment_dock is not None:
         from qtpy.QtCore import QTimer
 

@@ -238,23 +238,68 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if Path(output).suffix.lower() not in io.WRITE_SUFFIXES:
         raise CLIError(f"cannot write {output.name}: use a .tif, .tiff, .zarr or .npy file name")
     probabilities_path = check_writable(args.probabilities) if args.probabilities else None
+    instances_path, method = _instances_request(args)
     image = io.read_image(_require_file(args.images, "images"), lazy=True)
     options = dict(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device)
     progress = _tile_progress(enabled=not args.quiet)
+    make_instances = None
+    if instances_path is not None:
+        def make_instances(probabilities) -> None:
+            io.write_labels(instances_path, _instances(ckpt.model, probabilities, method, args.threshold))
     if output.suffix.lower() == ".zarr":
-        _predict_to_zarr(ckpt.model, image, output, probabilities_path, options, progress, args.threshold)
+        _predict_to_zarr(ckpt.model, image, output, probabilities_path, options, progress, args.threshold,
+                         make_instances)
     else:
         probabilities = predict(ckpt.model, image, progress=progress, **options)
         progress.close()
         io.write_labels(output, probabilities_to_labels(probabilities, threshold=args.threshold))
         if probabilities_path is not None:
             io.write_image(probabilities_path, np.asarray(probabilities, np.float32))
-    print(json.dumps({"output": str(output), "probabilities": str(probabilities_path) if probabilities_path else None}))
+        if make_instances is not None:
+            make_instances(probabilities)
+    print(json.dumps({"output": str(output), "probabilities": str(probabilities_path) if probabilities_path else None,
+                      "instances": str(instances_path) if instances_path else None,
+                      "instances_method": method if instances_path else None}))
     return 0
 
 
-def _predict_to_zarr(model, image, output: Path, probabilities_path, options, progress, threshold) -> None:
-    """Stream probabilities into zarr (the requested file or a temporary one), then labels slab by slab."""
+def _instances_request(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """Where to write instance labels and by which method; checked before any prediction."""
+    from . import io
+
+    if args.instances is not None and args.instances_output is None:
+        raise CLIError(f"--instances {args.instances} needs --instances-output PATH: where to write the instance labels")
+    if args.instances_output is None:
+        return None, "none"
+    path = check_writable(args.instances_output)
+    if path.suffix.lower() not in io.WRITE_SUFFIXES:
+        raise CLIError(f"cannot write {path.name}: use a .tif, .tiff, .zarr or .npy file name for --instances-output")
+    for other, option in ((args.output, "--output"), (args.probabilities, "--probabilities")):
+        if other is not None and Path(other).expanduser().resolve() == path.resolve():
+            raise CLIError(f"--instances-output and {option} are the same file: {path}")
+    return path, args.instances or "watershed"
+
+
+def _instances(model, probabilities, method: str, threshold: float) -> np.ndarray:
+    """Instance ids from probabilities (in memory or zarr): a 2D model's stack slice by slice,
+    one slice read at a time (ids stay unique across the stack); a 3D model's volume whole."""
+    from .instances import instances_from_probabilities
+
+    if not (int(model.spatial_dims) == 2 and len(probabilities.shape) == 4):
+        return instances_from_probabilities(np.asarray(probabilities[...]), method, threshold=threshold)
+    result = np.zeros(probabilities.shape[1:], np.int32)
+    offset = 0
+    for z in range(probabilities.shape[1]):
+        ids = instances_from_probabilities(np.asarray(probabilities[:, z]), method, threshold=threshold)
+        result[z] = np.where(ids > 0, ids + offset, 0)
+        offset += int(ids.max(initial=0))
+    return result
+
+
+def _predict_to_zarr(model, image, output: Path, probabilities_path, options, progress, threshold,
+                     make_instances: Callable | None = None) -> None:
+    """Stream probabilities into zarr (the requested file or a temporary one), then labels slab by slab
+    (and instances, by ``make_instances(probabilities)``, before a temporary store is removed)."""
     from . import io
     from .inference import predict, probabilities_to_labels
 
@@ -270,6 +315,8 @@ def _predict_to_zarr(model, image, output: Path, probabilities_path, options, pr
             labels[start:start + slab] = probabilities_to_labels(block, threshold=threshold)
         if probabilities_path is not None and not keep:
             io.write_image(probabilities_path, np.asarray(probabilities[...], np.float32))
+        if make_instances is not None:
+            make_instances(probabilities)
     finally:
         if not keep and Path(store).exists():
             shutil.rmtree(store, ignore_errors=True)
@@ -428,7 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tile", type=_sides, default=None, help="tile side(s) (default: fit the device memory)")
     predict.add_argument("--overlap", type=_fraction, default=0.25, help="tile overlap fraction (default 0.25)")
     predict.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (in 2D also transposes: 8 views)")
-    predict.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for binary models (default 0.5)")
+    predict.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for binary models, also the watershed's seed threshold (default 0.5)")
+    predict.add_argument("--instances", choices=("components", "watershed"), default=None,
+                         help="also label one id per cell: components = connected regions of class 1 (a gap in a "
+                              "membrane merges two cells); watershed = seeded watershed on the membrane probability "
+                              "(splits them; the default with --instances-output). A 2D model's stack is labelled "
+                              "slice by slice")
+    predict.add_argument("--instances-output", metavar="PATH",
+                         help="where to write the instance labels (.tif, .zarr or .npy)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_cmd_predict)

@@ -526,6 +526,11 @@ class FinetuneSettings:
     # unconfirmed pixels of the corrected slices learn the start model's own prediction with this
     # weight (0 = ignored): sparse strokes then fix mistakes without unlearning the rest
     anchor_weight: float = 0.5
+    # with the model's own training data at hand (replay), this share of the patches comes from
+    # it: rehearsal keeps what the model knew while the corrections teach it. None = by how much
+    # of the corrected slices is confirmed (replay_share_for; TRAINING.md)
+    replay_share: float | None = None
+    replay: bool = True  # replay the start model's training data when its checkpoint names the files
     device: str = "auto"
     seed: int = 0
 
@@ -697,6 +702,73 @@ def _balanced_weights(class_maps: list[np.ndarray], weights: list[np.ndarray], n
     return [(weight * scale[class_map]).astype(np.float32) for class_map, weight in zip(class_maps, weights)]
 
 
+# The replay share for corrections that confirm nothing but a few strokes: measured best of 0.25,
+# 0.5 and 0.75 on ISBI (benchmarks/results/TRAINING.md, human in the loop).
+SPARSE_REPLAY_SHARE = 0.75
+
+
+def replay_share_for(weights: Sequence[np.ndarray]) -> float:
+    """The share of patches to replay: ``SPARSE_REPLAY_SHARE`` times the unconfirmed part of the
+    corrected images.
+
+    Replay stands in for what the corrections leave unlabelled. Sparse strokes need it (alone
+    they pull the model towards the one class they mostly hold; -0.027 membrane Dice on ISBI),
+    whole reviewed slices do not (replaying beside them cost 0.011-0.019 Dice).
+    """
+    total = sum(int(np.asarray(w).size) for w in weights)
+    confirmed = sum(int(np.count_nonzero(np.asarray(w) > 0)) for w in weights)
+    return SPARSE_REPLAY_SHARE * (1.0 - confirmed / total) if total else SPARSE_REPLAY_SHARE
+
+
+# Replaying more than this many voxels would hold a big training set in memory beside the
+# corrections: a 2D model's stack is thinned to evenly spaced slices, a bigger 3D volume skipped.
+REPLAY_MAX_VOXELS = 2**26
+
+
+def replay_paths(provenance: dict | None) -> tuple[Path, Path] | None:
+    """The (images, labels) files a checkpoint's provenance says its model learnt from, if any.
+
+    ``napari-unet train`` records ``data_paths``; a fine-tuned checkpoint passes on the replay
+    data it used as ``replay_data_paths``. Anything but two file names (the bundled sample's
+    description, say) gives None.
+    """
+    provenance = provenance or {}
+    paths = provenance.get("replay_data_paths") or provenance.get("data_paths")
+    if not isinstance(paths, (list, tuple)) or len(paths) != 2 or not all(isinstance(p, str) for p in paths):
+        return None
+    return Path(paths[0]), Path(paths[1])
+
+
+def load_replay(paths: Sequence[str | Path], *, spatial_dims: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Read replay data: (images, labels) arrays, thinned to at most ``REPLAY_MAX_VOXELS``.
+
+    Raises CorrectionsError in plain words when a file is gone, unreadable or does not match.
+    """
+    from napari_unet import io
+
+    images_path, labels_path = (Path(p) for p in paths)
+    for path in (images_path, labels_path):
+        if not path.exists():
+            raise CorrectionsError(f"The model's training data {path} is not there any more.")
+    try:
+        images = io.read_image(images_path, lazy=True)
+        labels = io.read_labels(labels_path)
+    except (OSError, ValueError) as error:
+        raise CorrectionsError(f"The model's training data could not be read: {error}") from error
+    if tuple(images.shape[-labels.ndim:]) != tuple(labels.shape):
+        raise CorrectionsError(
+            f"The model's training images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match."
+        )
+    voxels = int(np.prod(labels.shape))
+    if voxels > REPLAY_MAX_VOXELS:
+        if spatial_dims != 2 or labels.ndim != 3 or images.ndim != 3:
+            raise CorrectionsError(f"The model's training data ({voxels:,} voxels) is too big to replay.")
+        keep = max(1, REPLAY_MAX_VOXELS // int(np.prod(labels.shape[1:])))
+        chosen = np.unique(np.linspace(0, labels.shape[0] - 1, keep).round().astype(int))
+        return np.asarray(images[chosen.tolist()]), labels[chosen]
+    return np.asarray(images), labels
+
+
 def build_finetune_trainer(
     model,
     image: np.ndarray,
@@ -708,8 +780,12 @@ def build_finetune_trainer(
     preview_interval: float = 3.0,
     callbacks: Sequence[Callable] = (),
     resume_from: Any = None,
+    replay: tuple[Any, Any] | None = None,
 ):
     """The Trainer that fine-tunes ``model`` on the confirmed part of ``labels`` (weights 0 elsewhere).
+
+    ``replay``: (images, labels) the model was trained on; a share ``settings.replay_share`` of the
+    patches then comes from them (None: :func:`replay_share_for` the corrections).
 
     Normalisation follows the model's spec (``model.normalization``, the engine's default if it
     has none), with the statistics inference uses: a 2D model's slices each on their own, a 3D
@@ -725,6 +801,9 @@ def build_finetune_trainer(
         image, labels, state, spatial_dims=spatial_dims, n_classes=n_classes, margin=settings.margin,
         balance_classes=settings.balance_classes,
     )
+    config = settings.train_config(spatial_dims)
+    config.replay_share = (replay_share_for(weights) if settings.replay_share is None
+                           else float(settings.replay_share))
     # training_arrays crops a 3D volume: the crop gets the whole volume's statistics
     normalization = volume_statistics(model, image) or getattr(model, "normalization", None)
     return Trainer(
@@ -732,12 +811,14 @@ def build_finetune_trainer(
         images,
         class_maps,
         weights,
-        config=settings.train_config(spatial_dims),
+        config=config,
         callbacks=tuple(callbacks),
         normalization=normalization,
         preview_fn=preview_fn,
         preview_interval=preview_interval,
         resume_from=resume_from,
+        replay_images=None if replay is None or not config.replay_share else replay[0],
+        replay_labels=None if replay is None or not config.replay_share else replay[1],
     )
 
 
@@ -777,10 +858,14 @@ def finetune_provenance(
     fingerprint: str = "",
     start_model: str = "",
     steps: int | None = None,
+    replayed: Sequence[str | Path] | None = None,
 ) -> dict:
-    """What a fine-tuned checkpoint records about where it came from."""
+    """What a fine-tuned checkpoint records about where it came from (``replayed``: the replay
+    data's two files, passed on to the next fine-tuning)."""
     counts = state.counts(settings.margin)
+    replay = {"replay_data_paths": [str(p) for p in replayed]} if replayed else {}
     return {
+        **replay,
         "kind": "finetune",
         "image_name": image_name,
         "image_source": str(image_source or ""),

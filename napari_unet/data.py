@@ -257,7 +257,7 @@ class PatchSampler:
     Crops favour labelled regions: a patch is centred on a random labelled pixel with probability
     `label_focus`, otherwise anywhere (``focus``: boolean masks of the pixels to centre on instead,
     e.g. the user's corrections when the other pixels carry low-weight labels). Samples are drawn
-    in proportion to those pixels.
+    in proportion to those pixels, unless ``sample_probability`` says how often to draw each.
     All randomness comes from `generator` (a CPU torch.Generator), so seeded runs repeat exactly.
     """
 
@@ -271,6 +271,7 @@ class PatchSampler:
         label_focus: float = 0.8,
         extra_weights: Sequence[np.ndarray] | None = None,
         focus: Sequence[np.ndarray] | None = None,
+        sample_probability: Sequence[float] | None = None,
     ):
         if not samples:
             raise DataError("There are no training samples.")
@@ -300,6 +301,10 @@ class PatchSampler:
             self._labelled_index.append(labelled)
             counts.append(len(labelled))
         self._shapes = [s.spatial_shape for s in samples]
+        if sample_probability is not None:
+            if len(sample_probability) != len(samples) or min(sample_probability) < 0 or not sum(sample_probability):
+                raise DataError("Give one non-negative draw probability per sample.")
+            counts = [float(p) for p in sample_probability]
         self._sample_probability = torch.tensor(counts, dtype=torch.float64) / sum(counts)
 
     @property

@@ -110,6 +110,10 @@ class TrainConfig:
         EfficientNetV2). None = full augmentation from the start (also without a budget); the
         Fine-tune dock and ``train --init`` use None: a trained model learning a few corrections
         needs the regularisation from the first step.
+    replay_share: with replay data given to the Trainer (the data a model was trained on, while
+        it fine-tunes on new corrections), this share of the patches comes from them and the
+        rest from the new data, however few pixels those hold. Rehearsal keeps what the model
+        learnt while the corrections pull it where it was wrong (benchmarks/results/TRAINING.md).
     """
 
     patch_size: int | tuple[int, ...] | None = None
@@ -144,6 +148,7 @@ class TrainConfig:
     dice_fade: float | None = 0.3
     tta_candidates: int = 4
     augment_ramp: float | None = 0.2
+    replay_share: float = 0.5
 
     def check(self) -> None:
         """Raise TrainingError (one plain sentence) for settings that cannot work."""
@@ -175,6 +180,8 @@ class TrainConfig:
             raise TrainingError(f"dice_fade must be in (0, 1], not {self.dice_fade}.")
         if self.augment_ramp is not None and not 0 < self.augment_ramp <= 1:
             raise TrainingError(f"augment_ramp must be in (0, 1], not {self.augment_ramp}.")
+        if not 0 <= self.replay_share < 1:
+            raise TrainingError(f"The replay share must be in [0, 1), not {self.replay_share}.")
         if self.tta_candidates < 1:
             raise TrainingError(f"tta_candidates must be at least 1, not {self.tta_candidates}.")
         if self.loss.strip().lower().replace("-", "_") not in losses.available_losses():
@@ -253,6 +260,9 @@ class Trainer:
         preview_fn: Callable[[nn.Module], Any] | None = None,
         preview_interval: float = 5.0,
         resume_from=None,
+        replay_images=None,
+        replay_labels=None,
+        replay_weights=None,
     ):
         self.config = config if config is not None else TrainConfig()
         self.config.check()
@@ -270,10 +280,10 @@ class Trainer:
         self.n_classes = _n_classes(model)
         self.patch_size = _patch_size(self.config, self.spatial_dims)
 
-        def make(imgs, labs, wts):
+        def make(imgs, labs, wts, normalize=self._normalize):
             return make_samples(
                 imgs, labs, wts, spatial_dims=self.spatial_dims, in_channels=int(model.in_channels),
-                n_classes=self.n_classes, normalize=self._normalize,
+                n_classes=self.n_classes, normalize=normalize,
             )
 
         samples = make(images, labels, weights)
@@ -285,6 +295,17 @@ class Trainer:
             self.train_samples, self.val_samples = split_validation(samples, self.config.val_fraction)
         if not any(s.labelled_pixels for s in self.train_samples):
             raise DataError("After holding out validation data no labelled pixels are left to train on.")
+        self._new_samples = len(self.train_samples)  # the replay samples follow them
+        if replay_images is not None or replay_labels is not None:
+            if replay_images is None or replay_labels is None:
+                raise DataError("Replay needs both images and labels.")
+            # each replayed image on its own statistics (fixed ones belong to the new image)
+            replay = make(replay_images, replay_labels, replay_weights,
+                          normalize=lambda image: io.apply_normalization(
+                              image, io.compute_normalization(image, self.normalization)))
+            replay_train, replay_val = split_validation(replay, self.config.val_fraction)
+            self.train_samples = self.train_samples + replay_train
+            self.val_samples = self.val_samples + replay_val
 
         self.history: dict[str, Any] = {
             "step": [], "elapsed": [], "loss": [], "lr": [],
@@ -366,7 +387,8 @@ class Trainer:
             "steps": self._step,
             "training_seconds": round(self._elapsed_before, 1),
             "train_config": _plain_config(self.config),
-            "train_samples": len(self.train_samples),
+            "train_samples": self._new_samples,
+            "replay_samples": len(self.train_samples) - self._new_samples,
             "val_samples": len(self.val_samples),
         }
         info.update(provenance or {})
@@ -463,6 +485,20 @@ class Trainer:
                 anchored.append(Sample(sample.image, labels, weights))
         return anchored
 
+    def _sample_probability(self) -> list[float] | None:
+        """How often each training sample is drawn: None = in proportion to its labelled pixels.
+
+        With replay data, ``replay_share`` of the draws go to the replay samples and the rest to
+        the new ones (each group in proportion to its labelled pixels): a few thousand corrected
+        pixels would otherwise be drowned by whole replayed slices.
+        """
+        counts = [float((sample.weights > 0).sum()) for sample in self.train_samples]
+        new, old = counts[: self._new_samples], counts[self._new_samples:]
+        if not sum(old) or not sum(new):
+            return None
+        share = float(self.config.replay_share)
+        return [(1 - share) * c / sum(new) for c in new] + [share * c / sum(old) for c in old]
+
     def _autocast(self):
         """(autocast context factory, GradScaler or None) for the chosen precision."""
         precision = {"auto": "auto", "bf16": "bf16", "fp16": "fp16", "off": "fp32"}[self.config.amp]
@@ -488,6 +524,7 @@ class Trainer:
             self._anchored_samples(), self.patch_size, device=self.device, augment=augment,
             label_focus=config.label_focus, extra_weights=self._loss_weights(),
             focus=[sample.weights > 0 for sample in self.train_samples],
+            sample_probability=self._sample_probability(),
         )
         loss_fn = losses.get_loss(config.loss, **config.loss_options)
         fading = config.dice_fade is not None and _has_cross_entropy_term(loss_fn)

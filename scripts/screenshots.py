@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             model, source=f"trained {args.train_seconds:.0f} s on the EM membranes sample",
             trained=True,
         )
-    widget.instances_check.setChecked(True)
+    widget.instances_combo.setCurrentText("watershed")  # one id per cell, split at weak membranes
     widget.run()
     wait_until(lambda: widget.run_button.isEnabled() and "EM membranes instances" in viewer.layers)
 

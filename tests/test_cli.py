@@ -235,6 +235,64 @@ def test_predict_streams_to_zarr(trained, capsys):
     assert not [p for p in folder.iterdir() if "probabilities-" in p.name]  # temporary store removed
 
 
+@pytest.mark.parametrize("method", ["components", "watershed"])
+def test_predict_writes_instances(trained, capsys, method):
+    from napari_unet.inference import labels_to_instances
+
+    folder, images, _, model = trained
+    code, out, err = run(capsys, "predict", "--model", model, "--images", images, "--output", folder / "i-pred.tif",
+                         "--instances", method, "--instances-output", folder / f"{method}.tif",
+                         "--tile", "32", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["instances"] == str(folder / f"{method}.tif") and summary["instances_method"] == method
+    instances = tifffile.imread(folder / f"{method}.tif")
+    assert instances.shape == (4, 40, 40)
+    ids = [set(np.unique(plane)) - {0} for plane in instances]
+    for first, second in zip(ids, ids[1:]):
+        assert not first & second  # a 2D model's stack: slice by slice, ids unique in the stack
+    if method == "components":
+        labels = tifffile.imread(folder / "i-pred.tif")
+        np.testing.assert_array_equal(instances, labels_to_instances(labels, per_slice=True))
+
+
+def test_predict_instances_with_zarr_output_default_to_watershed(trained, capsys):
+    import zarr
+
+    folder, images, _, model = trained
+    code, out, err = run(capsys, "predict", "--model", model, "--images", images, "--output", folder / "z.zarr",
+                         "--instances-output", folder / "z-instances.zarr", "--tile", "32", "--device", "cpu",
+                         "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["instances_method"] == "watershed"
+    instances = np.asarray(zarr.open_array(str(folder / "z-instances.zarr"), mode="r")[...])
+    assert instances.shape == (4, 40, 40)
+    assert not [p for p in folder.iterdir() if "probabilities-" in p.name]  # temporary store removed
+
+
+@pytest.mark.parametrize("what", ["no_output", "bad_suffix", "same_file", "missing_folder"])
+def test_predict_instances_errors_are_one_clear_line(trained, tmp_path, capsys, what):
+    _, images, _, model = trained
+    argv = ["predict", "--model", model, "--images", images, "--output", tmp_path / "p.tif", "--device", "cpu",
+            "--quiet"]
+    extra, fragment = {
+        "no_output": (["--instances", "watershed"], "--instances-output"),
+        "bad_suffix": (["--instances-output", tmp_path / "i.png"], "i.png"),
+        "same_file": (["--instances-output", tmp_path / "p.tif"], "same file"),
+        "missing_folder": (["--instances-output", tmp_path / "nope" / "i.tif"], "does not exist"),
+    }[what]
+    code, _, err = run(capsys, *argv, *extra)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "p.tif").exists()  # refused before predicting
+
+
+def test_predict_unknown_instances_method_is_a_usage_error(trained, tmp_path, capsys):
+    _, images, _, model = trained
+    code, _, err = run(capsys, "predict", "--model", model, "--images", images, "--output", tmp_path / "p.tif",
+                       "--instances", "magic", "--instances-output", tmp_path / "i.tif")
+    assert code == 2 and "invalid choice: 'magic'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_predict_refuses_a_malicious_pickle_without_running_it(tmp_path, capsys):
     marker = tmp_path / "pwned"
 

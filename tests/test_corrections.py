@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,9 @@ from napari_unet import corrections
 from napari_unet.corrections import (
     CorrectionState,
     CorrectionsError,
+    FinetuneSettings,
     autosave_path_for,
+    build_finetune_trainer,
     find_autosave,
     image_fingerprint,
     load_corrections,
@@ -354,3 +357,76 @@ def test_fine_tuning_augments_fully_from_the_first_step():
     assert TrainConfig().augment_ramp is not None  # training from scratch ramps augmentation in
     assert corrections.FinetuneSettings().train_config(2).augment_ramp is None
     assert corrections.FinetuneSettings().train_config(3).augment
+
+
+# -- replay of the start model's training data ---------------------------------------------------
+
+
+def test_replay_share_follows_how_much_of_the_corrected_slices_is_confirmed():
+    from napari_unet.corrections import SPARSE_REPLAY_SHARE, replay_share_for
+
+    whole = [np.ones((8, 8), np.float32)] * 2
+    strokes = [np.zeros((10, 10), np.float32)]
+    strokes[0][:2] = 1  # 20 % confirmed
+    assert replay_share_for(whole) == 0.0
+    assert replay_share_for(strokes) == pytest.approx(SPARSE_REPLAY_SHARE * 0.8)
+    assert replay_share_for(whole + strokes) == pytest.approx(SPARSE_REPLAY_SHARE * 80 / 228)
+
+
+def test_replay_paths_come_from_a_checkpoints_provenance():
+    from napari_unet.corrections import replay_paths
+
+    assert replay_paths({"data_paths": ["/d/im.tif", "/d/lab.tif"]}) == (Path("/d/im.tif"), Path("/d/lab.tif"))
+    # a fine-tuned checkpoint passes its replay data on
+    assert replay_paths({"replay_data_paths": ["a.tif", "b.tif"], "data_paths": ["x"]}) == (Path("a.tif"), Path("b.tif"))
+    assert replay_paths({"data_paths": ["napari-unet sample: EM membranes (generated, seed 0)"]}) is None
+    assert replay_paths({}) is None and replay_paths(None) is None
+
+
+def test_load_replay_reads_thins_and_explains(tmp_path, monkeypatch):
+    import tifffile
+
+    from napari_unet import corrections
+    from napari_unet.corrections import load_replay
+
+    images = np.random.default_rng(0).integers(0, 255, (10, 16, 16), dtype=np.uint8)
+    labels = (images > 128).astype(np.uint8) * 255
+    tifffile.imwrite(tmp_path / "im.tif", images)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    got_images, got_labels = load_replay([tmp_path / "im.tif", tmp_path / "lab.tif"])
+    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels // 255)
+    monkeypatch.setattr(corrections, "REPLAY_MAX_VOXELS", 16 * 16 * 4)  # a stack too big: evenly spaced slices
+    got_images, got_labels = load_replay([tmp_path / "im.tif", tmp_path / "lab.tif"])
+    assert got_images.shape == (4, 16, 16) and np.array_equal(got_images, images[[0, 3, 6, 9]])
+    with pytest.raises(CorrectionsError, match="too big to replay"):
+        load_replay([tmp_path / "im.tif", tmp_path / "lab.tif"], spatial_dims=3)
+    with pytest.raises(CorrectionsError, match="is not there any more"):
+        load_replay([tmp_path / "gone.tif", tmp_path / "lab.tif"])
+    tifffile.imwrite(tmp_path / "other.tif", labels[:, :8])
+    with pytest.raises(CorrectionsError, match="do not match"):
+        load_replay([tmp_path / "im.tif", tmp_path / "other.tif"])
+
+
+def test_build_finetune_trainer_replays_in_proportion_to_what_the_corrections_leave_out():
+    from napari_unet.models import build_model
+
+    images = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    labels = (images > 0.5).astype(np.uint8)
+    strokes = CorrectionState(labels.shape)
+    mask = np.zeros(labels.shape, bool)
+    mask[0, :4] = True
+    strokes.record_paint(np.nonzero(mask))
+    settings = FinetuneSettings(steps=1, time_budget=None, device="cpu", val_fraction=0.0, margin=0)
+    trainer = build_finetune_trainer(build_model("unet", width=4, depth=2), images, labels, strokes, settings,
+                                     replay=(images, labels))
+    assert trainer.config.replay_share == pytest.approx(0.75 * (1 - 4 / 32))
+    assert len(trainer.train_samples) == 1 + 3  # the stroked slice, then the replayed ones
+    reviewed = CorrectionState(labels.shape)
+    reviewed.mark_reviewed(1)
+    trainer = build_finetune_trainer(build_model("unet", width=4, depth=2), images, labels, reviewed, settings,
+                                     replay=(images, labels))
+    assert trainer.config.replay_share == 0 and len(trainer.train_samples) == 1  # no replay beside a whole slice
+    fixed = FinetuneSettings(**{**settings.to_dict(), "replay_share": 0.4})
+    trainer = build_finetune_trainer(build_model("unet", width=4, depth=2), images, labels, reviewed, fixed,
+                                     replay=(images, labels))
+    assert trainer.config.replay_share == 0.4 and len(trainer.train_samples) == 4

@@ -13,6 +13,9 @@ ENGINE_MODULES = [
     "napari_unet.data",
     "napari_unet.training",
     "napari_unet.inference",
+    "napari_unet.instances",
+    "napari_unet.uncertainty",
+    "napari_unet.session",
     "napari_unet.corrections",
     "napari_unet.cli",
 ]

@@ -167,7 +167,7 @@ def test_manifest_is_valid_and_declares_everything():
     manifest = PluginManifest.from_file(Path(__file__).parents[1] / "napari_unet" / "napari.yaml")
     assert manifest.name == "napari-unet"
     contributions = manifest.contributions
-    assert [w.display_name for w in contributions.widgets] == ["Segment", "Fine-tune"]
+    assert [w.display_name for w in contributions.widgets] == ["Segment", "Fine-tune", "Correct next"]
     assert {s.key for s in contributions.sample_data} == {"em_membranes", "organelles_3d"}
     assert contributions.readers[0].accepts_directories
     assert set(contributions.writers[0].filename_extensions) == {".tif", ".tiff", ".zarr"}

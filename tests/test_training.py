@@ -635,3 +635,54 @@ def test_the_cosine_schedule_falls_to_its_floor():
     trainer.fit()
     expected = [1e-2 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * k / 10))) for k in range(10)]
     assert trainer.history["lr"] == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------- replay
+
+
+def test_replay_samples_get_their_share_of_the_draws_whatever_their_size(monkeypatch):
+    images, labels = toy_stack(n=4)
+    weights = np.zeros(labels.shape, np.float32)
+    weights[0, :4, :4] = 1  # 16 new pixels against 3 x 1024 replayed ones
+    seen = {}
+    original = Trainer._sample_probability
+
+    def spy(self):
+        seen["p"] = original(self)
+        return seen["p"]
+
+    monkeypatch.setattr(Trainer, "_sample_probability", spy)
+    trainer = Trainer(tiny_model(), images[:1], labels[:1], weights[:1], replay_images=images[1:],
+                      replay_labels=labels[1:], config=config(steps=1, replay_share=0.3))
+    trainer.fit()
+    assert len(trainer.train_samples) == 4 and trainer._new_samples == 1
+    assert seen["p"][0] == pytest.approx(0.7)
+    assert seen["p"][1:] == pytest.approx([0.1, 0.1, 0.1])
+    # drawn at those rates: a 0.7 share for the 16 pixels, not 16 / 3088
+    from napari_unet.data import PatchSampler
+
+    sampler = PatchSampler(trainer.train_samples, (16, 16), sample_probability=seen["p"])
+    chosen = torch.multinomial(sampler._sample_probability, 4000, replacement=True,
+                               generator=torch.Generator().manual_seed(0))
+    assert (chosen == 0).float().mean().item() == pytest.approx(0.7, abs=0.03)
+
+
+def test_replay_data_hold_out_their_own_validation_and_are_normalised_on_their_own():
+    images, labels = toy_stack(n=6)
+    bright = np.clip(images[3:].astype(np.int32) + 80, 0, 255).astype(np.uint8)
+    statistics = {"method": "percentile", "low": 1.0, "high": 99.8, "lo": 0.0, "hi": 1000.0}
+    trainer = Trainer(tiny_model(), images[:3], labels[:3], normalization=statistics, replay_images=bright,
+                      replay_labels=labels[3:], config=config(steps=1, val_fraction=0.34))
+    assert len(trainer.train_samples) == 2 + 2 and len(trainer.val_samples) == 1 + 1
+    replayed = trainer.train_samples[-1].image
+    new = trainer.train_samples[0].image
+    assert new.max() < 0.3  # the fixed statistics (0..1000) of the new image
+    assert replayed.max() > 0.9  # the replayed image's own percentiles
+
+
+def test_replay_needs_both_images_and_labels_and_a_share_below_one():
+    images, labels = toy_stack(n=2)
+    with pytest.raises(DataError, match="Replay needs both"):
+        Trainer(tiny_model(), images, labels, replay_images=images, config=config())
+    with pytest.raises(TrainingError, match="replay share"):
+        Trainer(tiny_model(), images, labels, config=config(replay_share=1.0))

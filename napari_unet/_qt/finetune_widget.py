@@ -9,7 +9,11 @@ The widget only wires things together:
 * Start builds a Trainer with :func:`~napari_unet.corrections.build_finetune_trainer` (the path the
   benchmark uses too) and runs ``Trainer.run()`` in a worker from :mod:`._qt.workers`; its events
   feed :class:`~napari_unet._qt.plots.TrainingPlots` and the preview layer;
-* at the end the best weights are saved as a checkpoint and shared with the Segment widget.
+* at the end the best weights are saved as a checkpoint and shared with the Segment widget;
+* Save session… / Open session… write and read a :mod:`napari_unet.session` folder (image path,
+  labels, corrections, model, settings); a session saved or opened is kept up to date by a
+  :class:`~napari_unet.session.SessionAutosaver` (corrections on the autosave cadence, the weights
+  during fine-tuning), so that a crash loses at most the last autosave interval.
 
 Nothing heavy happens on the GUI thread: the training, the previews, the normalisation statistics,
 checkpoint saving and autosaves all run in workers.
@@ -46,6 +50,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_unet import session as sessions
 from napari_unet.corrections import (
     CorrectionsError,
     CorrectionState,
@@ -57,9 +62,12 @@ from napari_unet.corrections import (
     finetune_provenance,
     image_fingerprint,
     load_corrections,
+    load_replay,
     one_class_warning,
+    replay_paths,
     save_corrections,
 )
+from napari_unet.session import SessionError
 from napari_unet._qt.plots import TrainingPlots
 from napari_unet._qt.shared import model_holder
 from napari_unet._qt.workers import notify_error, start_worker
@@ -87,6 +95,7 @@ class Notice:
     """A message from the training job to the user (e.g. an out-of-memory retry)."""
 
     text: str
+    info: bool = False  # news, not a warning
 
 
 @dataclass
@@ -112,6 +121,9 @@ class TrainingRun:
     preview_interval: float
     preview_region: tuple = ()
     resume_from: Any = None
+    replay_paths: tuple | None = None  # the start model's (images, labels) files, to replay
+    session: Any = None  # the SessionAutosaver of the session these labels belong to, if any
+    form_settings: Any = None  # the form's settings (for the session), before per-run adjustments
     trainer: Any = None
     history: dict = field(default_factory=dict)
     saved_path: Path | None = None
@@ -187,6 +199,15 @@ def _training_job(run: TrainingRun):
     settings = run.settings
     spatial_dims = int(run.model.spatial_dims)
     retried = False
+    replay = None
+    if run.replay_paths:
+        try:
+            replay = load_replay(run.replay_paths, spatial_dims=spatial_dims)
+            yield Notice(f"Replaying the model's training data ({Path(run.replay_paths[0]).name}) beside "
+                         "your corrections, so that it keeps what it knew.", info=True)
+        except CorrectionsError as exc:
+            run.replay_paths = None
+            yield Notice(f"{exc} Fine-tuning on your corrections alone.")
     while True:
         try:
             trainer = build_finetune_trainer(
@@ -198,6 +219,7 @@ def _training_job(run: TrainingRun):
                 preview_fn=lambda model: _preview_prediction(model, run, stats),
                 preview_interval=run.preview_interval,
                 resume_from=run.resume_from,
+                replay=replay,
             )
             run.trainer = trainer
             if run.stop_requested:
@@ -206,6 +228,9 @@ def _training_job(run: TrainingRun):
                 if event.kind == "step":
                     run.last_step = int(event.step)
                 yield event
+                notice = _autosave_into_session(run, lambda s: s.on_training_event(trainer, event))
+                if notice is not None:
+                    yield notice
             break
         except TrainingOutOfMemory:
             batch = settings.train_config(spatial_dims).batch_size
@@ -228,6 +253,7 @@ def _training_job(run: TrainingRun):
         fingerprint=run.fingerprint,
         start_model=run.start_model,
         steps=run.last_step,
+        replayed=run.replay_paths,
     )
     if run.stop_reason:
         provenance["stopped"] = run.stop_reason
@@ -240,6 +266,11 @@ def _training_job(run: TrainingRun):
         run.model = run.checkpoint.model
     except (OSError, ValueError) as exc:  # the trained weights stay in memory and go to Segment
         yield Notice(f"Could not save the model to {run.checkpoint_path}: {exc}. The fine-tuned model is still used.")
+    notice = _autosave_into_session(run, lambda s: s.save_model(
+        run.model, checkpoint=run.checkpoint, source=_finetuned_source(run), trained=True, step=run.last_step,
+        settings=run.form_settings))
+    if notice is not None:
+        yield notice
     run.model.to("cpu")  # off the accelerator, so that its memory can be given back
     run.trainer = None  # drop the optimizer state too
     del trainer
@@ -247,10 +278,34 @@ def _training_job(run: TrainingRun):
     return run
 
 
-def _save_job(writer: "AutosaveWriter", path: Path, state: CorrectionState, labels: np.ndarray, meta: dict):
-    """Write one autosave in a worker (atomic; an older snapshot never overwrites a newer one)."""
+def _finetuned_source(run: TrainingRun) -> str:
+    counts = run.state.counts(run.settings.margin)
+    return f"fine-tuned in napari on '{run.image_name}' ({run.last_step} steps, {counts.confirmed:,} confirmed pixels)"
+
+
+def _autosave_into_session(run: TrainingRun, save) -> Notice | None:
+    """Run ``save(autosaver)`` for the run's session; a failure ends the session's autosave with a
+    Notice (training goes on: its checkpoint is saved as usual)."""
+    session = run.session
+    if session is None:
+        return None
+    try:
+        save(session)
+    except (OSError, ValueError) as exc:
+        run.session = None
+        return Notice(f"The session in {session.folder} is no longer updated: {exc}")
+    return None
+
+
+def _save_job(writer: "AutosaveWriter", path: Path, state: CorrectionState, labels: np.ndarray, meta: dict,
+              session: sessions.SessionAutosaver | None = None, settings: FinetuneSettings | None = None):
+    """Write one autosave in a worker (atomic; an older snapshot never overwrites a newer one),
+    and into the open session, if any."""
     yield from ()
-    return writer.write(path, state, labels, meta)
+    saved = writer.write(path, state, labels, meta)
+    if session is not None:
+        session.save_corrections(state, labels, settings=settings)
+    return saved
 
 
 @dataclass(frozen=True)
@@ -375,8 +430,32 @@ def _copy_model(model):
 
 
 def _source_path(layer: Layer) -> str:
-    path = getattr(getattr(layer, "source", None), "path", None)
+    path = getattr(getattr(layer, "source", None), "path", None) or layer.metadata.get("napari_unet_source")
     return str(path) if path else ""
+
+
+def _display(layer: Layer, *names: str) -> dict:
+    """How a layer is shown, as plain data for a session's manifest."""
+    shown = {"name": layer.name}
+    for name in ("scale", "translate", "opacity", *names):
+        value = getattr(layer, name, None)
+        if name == "colormap":
+            value = getattr(value, "name", value)
+        shown[name] = value.tolist() if hasattr(value, "tolist") else (list(value) if isinstance(value, tuple) else value)
+    return shown
+
+
+def _layer_kwargs(shown: dict, ndims: tuple[int, ...], *names: str) -> dict:
+    """Keyword arguments for add_image/add_labels from :func:`_display`'s dict (what fits ``ndims``)."""
+    kwargs = {}
+    for name in ("scale", "translate"):
+        value = shown.get(name)
+        if isinstance(value, list) and len(value) in ndims:
+            kwargs[name] = value
+    for name in ("opacity", *names):
+        if shown.get(name) is not None:
+            kwargs[name] = shown[name]
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +486,9 @@ class FinetuneWidget(QWidget):
         self.last_stop_latency: float | None = None
         self.preview_layer: Labels | None = None
         self.confirmed_layer: Image | None = None
+        self.session: sessions.SessionAutosaver | None = None  # the session being worked on
+        self._session_labels: Labels | None = None  # the labels layer whose work goes into it
+        self.session_worker = None
 
         self._build_ui()
         self._autosave_timer = QTimer(self, singleShot=True, interval=AUTOSAVE_DELAY_MS)
@@ -434,6 +516,26 @@ class FinetuneWidget(QWidget):
         engine = self._engine_defaults()
         content = QWidget()
         layout = QVBoxLayout(content)
+
+        # session
+        session_box = QGroupBox("Session")
+        session_layout = QVBoxLayout(session_box)
+        session_row = QHBoxLayout()
+        self.save_session_button = _tip(
+            QPushButton("Save session…"),
+            "Save the image path, labels, corrections, model and settings in one folder; it is then kept up to "
+            "date as you work (a crash loses at most the last seconds).",
+        )
+        self.open_session_button = _tip(QPushButton("Open session…"), "Open a saved session and go on where you left off.")
+        self.save_session_button.clicked.connect(self._save_session_dialog)
+        self.open_session_button.clicked.connect(self._open_session_dialog)
+        session_row.addWidget(self.save_session_button)
+        session_row.addWidget(self.open_session_button)
+        session_layout.addLayout(session_row)
+        self.session_label = QLabel("No session open.")
+        self.session_label.setWordWrap(True)
+        session_layout.addWidget(self.session_label)
+        layout.addWidget(session_box)
 
         # data
         data_box = QGroupBox("Data")
@@ -576,6 +678,13 @@ class FinetuneWidget(QWidget):
             "Give every class the same total weight: corrections are often mostly one class.",
         )
         self.balance_check.setChecked(defaults.balance_classes)
+        self.replay_check = _tip(
+            QCheckBox("Replay its training data"),
+            "Mix the data the starting model was trained on (the files its checkpoint names) into the "
+            "fine-tuning: it keeps what it knew while your corrections teach it. The fewer pixels you "
+            "confirmed, the more is replayed.",
+        )
+        self.replay_check.setChecked(defaults.replay)
         self.anchor_spin = _tip(
             QDoubleSpinBox(decimals=2, minimum=0.0, maximum=1.0, singleStep=0.05, value=defaults.anchor_weight),
             "Weight of the starting model's own prediction on the pixels you did not confirm in a corrected "
@@ -608,6 +717,7 @@ class FinetuneWidget(QWidget):
         sform.addRow("Device", self.device_combo)
         sform.addRow(self.augment_check)
         sform.addRow(self.balance_check)
+        sform.addRow(self.replay_check)
         layout.addWidget(settings_box)
 
         # output
@@ -713,6 +823,7 @@ class FinetuneWidget(QWidget):
             margin=int(self.margin_spin.value()),
             balance_classes=self.balance_check.isChecked(),
             anchor_weight=float(self.anchor_spin.value()),
+            replay=self.replay_check.isChecked(),
             device=str(self.device_combo.currentData()),
         )
 
@@ -731,6 +842,7 @@ class FinetuneWidget(QWidget):
         self.margin_spin.setValue(settings.margin)
         self.balance_check.setChecked(settings.balance_classes)
         self.anchor_spin.setValue(settings.anchor_weight)
+        self.replay_check.setChecked(settings.replay)
         index = self.device_combo.findData(settings.device)
         if index >= 0:
             self.device_combo.setCurrentIndex(index)
@@ -971,6 +1083,10 @@ class FinetuneWidget(QWidget):
         }
         return target.path, state.copy(), values, meta
 
+    def _session_of_labels(self) -> sessions.SessionAutosaver | None:
+        labels = self._labels_layer
+        return self.session if labels is not None and labels is self._session_labels else None
+
     def autosave(self) -> None:
         """Save the corrections now, in a worker (called by the debounce timer)."""
         self._autosave_timer.stop()
@@ -979,9 +1095,11 @@ class FinetuneWidget(QWidget):
         if snapshot is None:
             return
         path = snapshot[0]
+        session = self._session_of_labels()
         start_worker(
-            _save_job(self._writer, *snapshot),
+            _save_job(self._writer, *snapshot, session=session, settings=self.settings()),
             on_return=lambda saved: self._autosaved(saved or path),
+            on_error=lambda exc: self._session_failed(session, exc),
             description="Saving corrections",
         )
 
@@ -999,6 +1117,13 @@ class FinetuneWidget(QWidget):
         except OSError as exc:
             notify_error(f"Could not save the corrections to {snapshot[0]}: {exc.strerror or exc}.")
             return None
+        session = self._session_of_labels()
+        if session is not None:
+            try:
+                session.save_corrections(snapshot[1], snapshot[2], settings=self.settings())
+            except (OSError, ValueError) as exc:
+                notify_error(exc)
+                self._session_failed(session, exc)
         self._autosaved(saved or snapshot[0])
         return self.last_autosave
 
@@ -1079,6 +1204,151 @@ class FinetuneWidget(QWidget):
         if name:
             self.checkpoint_out.setText(name)
 
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _save_session_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Save the session in (a new or empty folder, or a session to replace)")
+        if folder:
+            self.save_session(folder)
+
+    def _open_session_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a session folder")
+        if folder:
+            self.open_session(folder)
+
+    def _session_snapshot(self) -> sessions.SessionData:
+        """What Save session writes, copied on the GUI thread (the worker never touches layers)."""
+        image, labels, state = self.image_layer, self.labels_layer, self.state
+        if image is None or labels is None or state is None:
+            raise CorrectionsError("Pick the image and the labels layer you correct before saving a session.")
+        self.flush_autosave()
+        source = _source_path(image)
+        holder = self.holder
+        return sessions.SessionData(
+            image_path=source,
+            image=_raw_image_data(image) if not source else None,  # an image without a file is kept inside
+            image_fingerprint=self._fingerprint(image),
+            image_name=image.name,
+            labels=np.array(labels.data),
+            labels_name=labels.name,
+            state=state.copy(),
+            settings=self.settings(),
+            model=holder.model,
+            checkpoint=holder.checkpoint,
+            model_source=holder.source,
+            model_trained=holder.trained,
+            display={"image": _display(image, "colormap", "contrast_limits", "blending"), "labels": _display(labels)},
+        )
+
+    def save_session(self, folder: str | Path):
+        """Save the session into ``folder`` in a worker; returns the worker (None if refused)."""
+        if self.session_worker is not None:
+            notify_error("A session is being saved or opened; wait a moment.")
+            return None
+        try:
+            sessions.check_writable_folder(folder)  # plain words at once for the usual problem
+            data = self._session_snapshot()
+        except (ValueError, OSError) as exc:
+            notify_error(exc)
+            return None
+        folder, labels = Path(folder).expanduser(), self.labels_layer
+
+        def job():
+            yield from ()
+            sessions.save_session(folder, data)
+            return folder
+
+        self.session_label.setText(f"Saving the session to {folder}…")
+        self.session_worker = start_worker(
+            job(), on_return=lambda saved: self._follow_session(saved, labels, "saved to"),
+            on_error=lambda exc: self.session_label.setText("The session was not saved; see the notification for why."),
+            on_finished=self._session_job_finished, description="Saving the session",
+        )
+        return self.session_worker
+
+    def open_session(self, folder: str | Path):
+        """Open the session in ``folder`` (checked here, read in a worker); returns the worker or None."""
+        if self.session_worker is not None:
+            notify_error("A session is being saved or opened; wait a moment.")
+            return None
+        if self.is_training:
+            notify_error("Stop the fine-tuning before opening a session.")
+            return None
+        try:
+            sessions.check_session(folder)  # plain words at once for the usual problems
+        except SessionError as exc:
+            notify_error(exc)
+            return None
+
+        def job():
+            yield from ()
+            return sessions.load_session(folder)
+
+        self.session_label.setText(f"Opening the session {folder}…")
+        self.session_worker = start_worker(
+            job(), on_return=self._apply_session,
+            on_error=lambda exc: self.session_label.setText("The session could not be opened; see the notification for why."),
+            on_finished=self._session_job_finished, description="Opening the session",
+        )
+        return self.session_worker
+
+    def _session_job_finished(self) -> None:
+        self.session_worker = None
+
+    def _apply_session(self, data: sessions.SessionData) -> None:
+        """Show an opened session: its image and labels as new layers, its corrections, settings, model."""
+        self.flush_autosave()  # the work on the current layers stays on disk
+        self._offered.add(data.image_fingerprint)  # its own autosave need not be offered back
+        shown = data.display or {}
+        image_shown, labels_shown = shown.get("image") or {}, shown.get("labels") or {}
+        image_layer = self.viewer.add_image(
+            data.image,
+            name=data.image_name or image_shown.get("name") or "image",
+            metadata={"napari_unet_source": data.image_path} if data.image_path else {},
+            # an RGB image's scale has one axis less than its array
+            **_layer_kwargs(image_shown, (np.ndim(data.image), np.ndim(data.image) - 1),
+                            "colormap", "contrast_limits", "blending"),
+        )
+        labels_layer = self.viewer.add_labels(
+            data.labels,
+            name=data.labels_name or f"{image_layer.name} labels",
+            **_layer_kwargs(labels_shown, (data.labels.ndim,)),
+        )
+        self._fingerprints[id(image_layer)] = data.image_fingerprint
+        self.states[id(labels_layer)] = data.state
+        self.image_picker.set_layer(image_layer)
+        self.labels_picker.set_layer(labels_layer)
+        self._labels_snapshot = np.array(data.labels)
+        self.set_settings(data.settings)
+        if data.model is not None:
+            self.holder.set(data.model, checkpoint=data.checkpoint, source=data.model_source or f"session {data.folder}",
+                            trained=data.model_trained)
+            self.start_from.setCurrentIndex(0)  # fine-tune the session's model
+        self.restore_box.setVisible(False)
+        self._refresh_counts()
+        for warning in data.warnings:
+            show_warning(warning)
+        self._follow_session(data.folder, labels_layer, "opened from")
+
+    def _follow_session(self, folder: Path, labels: Labels | None, how: str) -> None:
+        """From now on the work on ``labels`` (and its fine-tuning) is autosaved into ``folder``."""
+        self.session = sessions.SessionAutosaver(folder)
+        self._session_labels = labels if labels is not None and labels in self.viewer.layers else None
+        if self.run is not None and self.is_training and self.run.labels_layer is self._session_labels:
+            self.run.session = self.session  # the running fine-tuning autosaves its weights there too
+        text = (f"Session {how} {folder}. Labels and corrections are saved into it as you work, "
+                f"the weights every {sessions.MODEL_AUTOSAVE_INTERVAL:.0f} s while fine-tuning.")
+        self.session_label.setText(text)
+        self.status_label.setText(f"Session {how} {folder}.")
+
+    def _session_failed(self, session: sessions.SessionAutosaver | None, exc: BaseException) -> None:
+        """An autosave into the session failed (folder gone, disk full): stop autosaving there."""
+        if session is None or session is not self.session:
+            return
+        self.session = None
+        self._session_labels = None
+        self.session_label.setText(f"The session in {session.folder} is no longer updated: {exc}")
+
     # -- the starting model --------------------------------------------------------------------
 
     def _refresh_model_summary(self, *args) -> None:
@@ -1090,6 +1360,19 @@ class FinetuneWidget(QWidget):
         else:
             text = "A new, untrained model: fine-tuning it needs more corrections and time."
         self.model_summary.setText(text)
+
+    def _replay_paths(self, previous: TrainingRun | None) -> tuple | None:
+        """The start model's training data files, from its checkpoint (None: none recorded)."""
+        if previous is not None:
+            return previous.replay_paths
+        choice = self.start_from.currentIndex()
+        if choice == 0 and self.holder.checkpoint is not None:
+            return replay_paths(self.holder.checkpoint.provenance)
+        if choice == 1 and self.checkpoint_in.text().strip():
+            from napari_unet.checkpoint import load_checkpoint
+
+            return replay_paths(load_checkpoint(self.checkpoint_in.text().strip()).provenance)
+        return None
 
     def _starting_model(self) -> tuple[Any, str]:
         """A copy of the model to train (the shared one keeps serving Segment meanwhile)."""
@@ -1186,7 +1469,7 @@ class FinetuneWidget(QWidget):
                 f"({REVIEW_SHORTCUT}) first."
             )
         self.flush_autosave()
-        settings = self.settings()
+        settings = form_settings = self.settings()
         if not resume and self._starts_untrained():
             settings = replace(settings, anchor_weight=0.0)  # an untrained model's guesses teach nothing
         if settings.time_budget is None and settings.steps is None:
@@ -1207,6 +1490,9 @@ class FinetuneWidget(QWidget):
             image_source=_source_path(image),
             preview_interval=float(self.preview_spin.value()),
             resume_from=previous.saved_path if (resume and previous) else None,
+            replay_paths=self._replay_paths(previous if resume else None) if settings.replay else None,
+            session=self.session if labels is self._session_labels else None,
+            form_settings=form_settings,
         )
         run.preview_region = self._preview_region(run)
         return run
@@ -1277,7 +1563,7 @@ class FinetuneWidget(QWidget):
     def _on_training_event(self, item) -> None:
         run = self.run
         if isinstance(item, Notice):
-            show_warning(item.text)
+            (show_info if item.info else show_warning)(item.text)
             self.status_label.setText(item.text)
             return
         if run is None:
@@ -1302,9 +1588,7 @@ class FinetuneWidget(QWidget):
     def _on_training_done(self, run: TrainingRun) -> None:
         self.last_checkpoint = run.saved_path
         steps = run.last_step
-        counts = run.state.counts(run.settings.margin)
-        source = f"fine-tuned in napari on '{run.image_layer.name}' ({steps} steps, {counts.confirmed:,} confirmed pixels)"
-        self.holder.set(run.model, checkpoint=run.checkpoint, source=source, trained=True)
+        self.holder.set(run.model, checkpoint=run.checkpoint, source=_finetuned_source(run), trained=True)
         ending = run.stop_reason or "finished"
         saved = f"Model saved to {run.saved_path}" if run.saved_path else "The model could not be saved"
         self.status_label.setText(f"Training {ending} after {steps} steps. {saved}; Segment now uses it.")
@@ -1342,6 +1626,8 @@ class FinetuneWidget(QWidget):
             layer.events.data.disconnect(self._on_labels_data_replaced)
             self._labels_layer = None
             self.states.pop(id(layer), None)
+        if layer is self._session_labels:
+            self._session_labels = None  # the session keeps what was saved last (just flushed)
         self._fingerprints.pop(id(layer), None)
 
     # -- preview -------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 OUTPUT_TAG = "napari_unet_output"  # layer metadata key marking layers this widget created
+# the Instances choices (napari_unet.instances.METHODS) and their tooltips
+INSTANCE_METHODS = {
+    "none": "No instances layer",
+    "components": "Connected regions of class 1 (fast; a gap in a membrane merges two cells)",
+    "watershed": "Seeded watershed on the membrane probability (splits cells a membrane gap would merge)",
+}
 FRESH, CHECKPOINT = "fresh", "checkpoint"
 
 
@@ -68,7 +74,7 @@ class SegmentRequest:
     overlap: float
     tta: bool
     threshold: float
-    instances: bool
+    instances: str  # "none", "components" or "watershed" (napari_unet.instances.METHODS)
     device: str
 
 
@@ -78,7 +84,7 @@ class SegmentResult:
 
     probability: np.ndarray  # foreground probability (binary) or 1 - P(background) (multi-class)
     labels: np.ndarray  # class map 0..K-1
-    instances: np.ndarray | None  # connected components of class 1, if asked for
+    instances: np.ndarray | None  # one id per cell (components or watershed), if asked for
 
 
 class SegmentWidget(QWidget):
@@ -257,9 +263,16 @@ class SegmentWidget(QWidget):
         self.tta_check = QCheckBox("Test-time flips")
         self.tta_check.setToolTip("Average the predictions of flipped (in 2D also transposed) copies: 8 views, smoother, 8x slower")
         form.addRow(self.tta_check)
-        self.instances_check = QCheckBox("Instance labels (one id per object)")
-        self.instances_check.setToolTip("Also add the connected components of class 1")
-        form.addRow(self.instances_check)
+        self.instances_combo = QComboBox()
+        for method, tip in INSTANCE_METHODS.items():
+            self.instances_combo.addItem(method, method)
+            self.instances_combo.setItemData(self.instances_combo.count() - 1, tip, Qt.ToolTipRole)
+        self.instances_combo.setToolTip(
+            "Also add an instances layer, one id per cell: none; components = connected regions of "
+            "class 1 (a gap in a membrane merges two cells); watershed = seeded watershed on the "
+            "membrane probability, seeded where the class-1 probability passes the threshold (splits them)"
+        )
+        form.addRow("Instances", self.instances_combo)
         return group
 
     # ------------------------------------------------------------------------------ layers
@@ -622,7 +635,8 @@ class SegmentWidget(QWidget):
             layer_name=layer.name, data=data, rgb=rgb, to_grayscale=to_grayscale,
             channel_axis=channel_axis, slice_window=slice_window, keep_slice=keep_slice,
             tile=tile, overlap=self.overlap_spin.value(), tta=self.tta_check.isChecked(),
-            threshold=self.threshold_spin.value(), instances=self.instances_check.isChecked(),
+            threshold=self.threshold_spin.value(),
+            instances=str(self.instances_combo.currentData() or "none"),
             device=str(self.device_combo.currentData() or "auto"),
         )
 
@@ -751,32 +765,32 @@ def segment(job: Job, model: nn.Module, request: SegmentRequest, holder: ModelHo
         probability = probabilities[1]
     else:
         probability = 1.0 - probabilities[0]
-    if request.keep_slice is not None:
-        keep = slice(request.keep_slice, request.keep_slice + 1)
+    keep = None if request.keep_slice is None else slice(request.keep_slice, request.keep_slice + 1)
+    if keep is not None:
         labels, probability = labels[keep], probability[keep]
     instances = None
-    if request.instances:
-        instances = _instances(labels, per_slice=int(model.spatial_dims) == 2 and labels.ndim == 3)
+    if request.instances != "none":
+        yield Progress(0, 0, f"making instances ({request.instances})")
+        instances = _instances(probabilities, keep, request, model)
     job.check()
     return SegmentResult(probability=probability.astype(np.float32, copy=False), labels=labels,
                          instances=instances)
 
 
-def _instances(labels: np.ndarray, *, per_slice: bool) -> np.ndarray:
-    """Connected components of class 1; per slice for a 2D model (it knows nothing about z).
+def _instances(probabilities: np.ndarray, keep: slice | None, request: SegmentRequest,
+               model: nn.Module) -> np.ndarray:
+    """Instances by the chosen method (the engine's); a 2D model's stack slice by slice, as it
+    knows nothing about z. A 3D model's slab is labelled whole and then cropped to the kept
+    slice, so that slice's cells are cut with their 3D context."""
+    from napari_unet.instances import instances_from_probabilities
 
-    Slice by slice also keeps each call short, so the worker never holds the GIL for long.
-    """
-    from napari_unet.inference import labels_to_instances
-
-    if not per_slice:
-        return labels_to_instances(labels)
-    instances = np.zeros(labels.shape, dtype=np.int32)
-    offset = 0
-    for z, plane in enumerate(labels):
-        ids = labels_to_instances(plane)
-        instances[z] = np.where(ids > 0, ids + offset, 0)
-        offset += int(ids.max())
+    per_slice = int(model.spatial_dims) == 2 and probabilities.ndim == 4
+    if per_slice and keep is not None:
+        probabilities = probabilities[:, keep]
+    instances = instances_from_probabilities(probabilities, request.instances, threshold=request.threshold,
+                                             per_slice=per_slice)
+    if keep is not None and not per_slice:
+        instances = instances[keep]
     return instances
 
 

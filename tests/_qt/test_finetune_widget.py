@@ -370,3 +370,179 @@ def test_the_form_defaults_are_the_benchmarked_defaults(make_napari_viewer, em, 
     assert widget.settings() == TINY
     assert widget.lr_spin.toolTip() and widget.time_spin.toolTip() and widget.loss_combo.toolTip()
     assert f"fades to 0 over the first {TrainConfig().dice_fade:.0%}" in widget.loss_combo.toolTip()
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+
+def choose_folder(monkeypatch, folder):
+    monkeypatch.setattr(fw.QFileDialog, "getExistingDirectory", staticmethod(lambda *args, **kwargs: str(folder)))
+
+
+def wait_for_session_job(qtbot, widget, timeout=30000):
+    qtbot.waitUntil(lambda: widget.session_worker is None, timeout=timeout)
+
+
+def test_a_saved_session_opens_in_a_fresh_viewer_as_it_was(make_napari_viewer, em, qtbot, tmp_path, autosave_dir,
+                                                            messages, monkeypatch):
+    import torch
+
+    from napari_unet.models import build_model
+    from napari_unet.session import load_session, read_manifest
+
+    image, truth = em
+    image_path = tmp_path / "em.npy"
+    np.save(image_path, image)
+    viewer = make_napari_viewer()
+    viewer.add_image(image.copy(), name="EM", metadata={"napari_unet_source": str(image_path)}, scale=(1, 2, 2))
+    viewer.add_labels(truth.copy(), name="EM labels", scale=(1, 2, 2))
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Fine-tune")
+    layer = widget.labels_layer
+    layer.brush_size = 5
+    layer.paint((0, 30, 30), 0)
+    go_to_slice(viewer, 2)
+    widget.mark_current_slice_reviewed()
+    widget.set_settings(TINY)
+    torch.manual_seed(0)
+    model = build_model("unet", width=4, depth=2)
+    model_holder(viewer).set(model, source="a test model", trained=True)
+    edited, state = np.array(layer.data), widget.state.copy()
+
+    folder = tmp_path / "session"
+    choose_folder(monkeypatch, folder)
+    qtbot.mouseClick(widget.save_session_button, Qt.LeftButton)
+    wait_for_session_job(qtbot, widget)
+    assert widget.session is not None and str(folder) in widget.session_label.text()
+    assert not [text for kind, text in messages if kind == "error"]
+    widget.close()
+    viewer.close()
+
+    viewer2 = make_napari_viewer()
+    widget2 = FinetuneWidget(viewer2)
+    viewer2.window.add_dock_widget(widget2, name="Fine-tune")
+    qtbot.mouseClick(widget2.open_session_button, Qt.LeftButton)
+    wait_for_session_job(qtbot, widget2)
+    assert not [text for kind, text in messages if kind == "error"]
+    assert [lay.name for lay in viewer2.layers] == ["EM", "EM labels"]
+    assert widget2.image_layer is viewer2.layers["EM"] and widget2.labels_layer is viewer2.layers["EM labels"]
+    assert np.array_equal(np.asarray(viewer2.layers["EM"].data), image)
+    assert np.array_equal(np.asarray(widget2.labels_layer.data), edited)
+    assert tuple(widget2.labels_layer.scale) == (1, 2, 2)
+    assert widget2.state.reviewed_slices == {2} and np.array_equal(widget2.state.painted, state.painted)
+    assert widget2.settings() == TINY
+    holder = model_holder(viewer2)
+    assert holder.source == "a test model" and holder.trained and widget2.start_from.currentIndex() == 0
+    assert all(torch.equal(a, b) for a, b in zip(holder.model.state_dict().values(), model.state_dict().values()))
+    assert not widget2.restore_box.isVisibleTo(widget2)  # its own autosave is not offered on top
+
+    # the work goes on in the session: strokes on the autosave cadence, the model after fine-tuning
+    painted = int(widget2.state.painted.sum())
+    widget2.labels_layer.paint((1, 10, 10), 0)
+    qtbot.waitUntil(lambda: load_session(folder, read_image=False).state.painted.sum() > painted, timeout=10000)
+    widget2.set_settings(FinetuneSettings(**{**TINY.__dict__, "steps": 2}))
+    widget2.start()
+    wait_for_training(qtbot, widget2)
+    manifest = read_manifest(folder)
+    assert "fine-tuned in napari" in manifest["model"]["source"] and manifest["model"]["step"] == 2
+    assert manifest["settings"]["steps"] == 2
+
+
+def test_a_failing_open_says_why_and_leaves_the_viewer_usable(make_napari_viewer, em, qtbot, tmp_path, autosave_dir,
+                                                              messages, monkeypatch):
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "session.json").write_text("{not json")
+    choose_folder(monkeypatch, broken)
+    qtbot.mouseClick(widget.open_session_button, Qt.LeftButton)
+    assert messages[-1][0] == "error" and "damaged" in messages[-1][1] and "\n" not in messages[-1][1]
+    widget.open_session(tmp_path / "nowhere")
+    assert messages[-1][0] == "error" and "no session folder" in messages[-1][1]
+    assert [lay.name for lay in viewer.layers] == ["EM", "EM labels"] and widget.session_worker is None
+
+    # an image that was moved away since: the session's message names it
+    image_path = tmp_path / "em.npy"
+    np.save(image_path, em[0])
+    viewer.layers["EM"].metadata["napari_unet_source"] = str(image_path)
+    widget.mark_current_slice_reviewed()
+    widget.save_session(tmp_path / "s")
+    wait_for_session_job(qtbot, widget)
+    # saving into a folder of other files is refused in plain words
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert widget.save_session(tmp_path / "other") is None
+    assert messages[-1][0] == "error" and "already holds other files" in messages[-1][1]
+    assert widget.session.folder == tmp_path / "s"  # still the session saved before
+    image_path.unlink()
+    widget.open_session(tmp_path / "s")
+    assert "is gone" in messages[-1][1] and str(image_path) in messages[-1][1]
+
+    # the viewer and the dock still work
+    assert [lay.name for lay in viewer.layers] == ["EM", "EM labels"]
+    go_to_slice(viewer, 0)
+    widget.mark_current_slice_reviewed()
+    assert widget.state.reviewed_slices == {0, 1}
+
+
+# -- replay of the start model's training data ---------------------------------------------------
+
+
+def _checkpoint_naming_its_data(tmp_path, em, *, files_exist=True):
+    import tifffile
+
+    from napari_unet.checkpoint import save_checkpoint
+    from napari_unet.models import build_model
+
+    image, truth = em
+    images_path, labels_path = tmp_path / "train-volume.tif", tmp_path / "train-labels.tif"
+    if files_exist:
+        tifffile.imwrite(images_path, image, photometric="minisblack")
+        tifffile.imwrite(labels_path, (truth * 255).astype(np.uint8), photometric="minisblack")
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, build_model("unet", width=4, depth=2),
+                    provenance={"data_paths": [str(images_path), str(labels_path)]})
+    return path, (images_path, labels_path)
+
+
+@pytest.mark.parametrize("files_exist", [True, False])
+def test_fine_tuning_replays_the_training_data_its_checkpoint_names(make_napari_viewer, em, qtbot, tmp_path,
+                                                                     autosave_dir, messages, files_exist):
+    checkpoint, data = _checkpoint_naming_its_data(tmp_path, em, files_exist=files_exist)
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    widget.set_settings(TINY)
+    assert widget.replay_check.isChecked()  # on by default
+    widget.start_from.setCurrentIndex(1)
+    widget.checkpoint_in.setText(str(checkpoint))
+    layer = widget.labels_layer
+    layer.brush_size = 5
+    layer.paint((1, 20, 10), 0)
+    widget.start()
+    wait_for_training(qtbot, widget)
+
+    from napari_unet.checkpoint import load_checkpoint
+
+    provenance = load_checkpoint(widget.last_checkpoint).provenance
+    texts = " ".join(text for _, text in messages)
+    if files_exist:
+        assert ("info", "Replaying the model's training data (train-volume.tif) beside your corrections, so that "
+                "it keeps what it knew.") in messages
+        assert provenance["replay_data_paths"] == [str(p) for p in data]  # passed on to the next fine-tuning
+        assert provenance["settings"]["replay"] is True
+    else:
+        assert "is not there any more. Fine-tuning on your corrections alone." in texts
+        assert "replay_data_paths" not in provenance
+    assert not any(kind == "error" for kind, _ in messages)
+
+
+def test_replay_can_be_turned_off(make_napari_viewer, em, qtbot, tmp_path, autosave_dir, messages):
+    checkpoint, _ = _checkpoint_naming_its_data(tmp_path, em)
+    viewer, widget = open_viewer(make_napari_viewer, em)
+    widget.set_settings(FinetuneSettings(**{**TINY.__dict__, "replay": False}))
+    assert not widget.replay_check.isChecked()
+    widget.start_from.setCurrentIndex(1)
+    widget.checkpoint_in.setText(str(checkpoint))
+    widget.labels_layer.paint((1, 20, 10), 0)
+    widget.start()
+    wait_for_training(qtbot, widget)
+    assert not any("Replaying" in text for _, text in messages)

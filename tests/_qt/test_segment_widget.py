@@ -86,7 +86,7 @@ def test_sample_through_plugin_then_segment_and_rerun_in_place(viewer, widget, q
     widget.select_layer("EM membranes")
     assert widget.set_fresh_model("unet", width=4, depth=2) is not None
     assert "untrained" in widget.summary_label.text()
-    widget.instances_check.setChecked(True)
+    widget.instances_combo.setCurrentText("components")
     widget.tile_spin.setValue(128)
     worker = widget.run()
     assert worker is not None and not widget.run_button.isEnabled()
@@ -128,6 +128,50 @@ def test_layer_picker_follows_the_viewer(viewer, widget):
     viewer.layers.remove("b")
     assert widget.layer_combo.findText("b") < 0
     assert widget.selected_layer() is viewer.layers["renamed"]
+
+
+def test_instances_choice_components_or_watershed(viewer, widget, qtbot, monkeypatch):
+    """The choice reaches the worker: a membrane gap merges two cells as components, not as watershed."""
+    import napari_unet.inference
+
+    assert [widget.instances_combo.itemText(i) for i in range(widget.instances_combo.count())] == [
+        "none", "components", "watershed"]
+    assert widget.instances_combo.currentText() == "none"
+    # two square cells; the membrane column between them has a gap the model was unsure about
+    interior = np.full((40, 81), 0.95, np.float32)
+    interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = 0.05, 0.05, 0.05, 0.05
+    interior[:, 39:42] = 0.05
+    interior[18:22, 39:42] = 0.6
+    probabilities = np.stack([1.0 - interior, interior])
+    monkeypatch.setattr(napari_unet.inference, "predict", lambda *args, **kwargs: probabilities.copy())
+    viewer.add_image(np.zeros(probabilities.shape[1:], np.float32), name="cells")
+    widget.select_layer("cells")
+    widget.set_fresh_model("unet", width=4, depth=2)
+
+    widget.run()
+    wait_for(qtbot, widget)
+    assert "cells instances" not in viewer.layers  # none: no instances layer
+    counts = {}
+    for method in ("components", "watershed"):
+        widget.instances_combo.setCurrentText(method)
+        widget.run()
+        wait_for(qtbot, widget)
+        instances = viewer.layers["cells instances"]
+        assert isinstance(instances, Labels) and instances.data.shape == probabilities.shape[1:]
+        counts[method] = len(set(np.unique(instances.data)) - {0})
+    assert counts == {"components": 1, "watershed": 2}
+
+
+def test_watershed_instances_of_a_stack_are_unique_per_slice(viewer, widget, em_crop, qtbot):
+    widget.set_fresh_model("unet", width=4, depth=2)
+    widget.instances_combo.setCurrentText("watershed")
+    widget.threshold_spin.setValue(0.3)
+    widget.run()
+    wait_for(qtbot, widget)
+    instances = viewer.layers["crop instances"].data
+    assert instances.shape == em_crop.data.shape and instances.dtype == np.int32
+    ids = [set(np.unique(plane)) - {0} for plane in instances]
+    assert all(ids) and not (ids[0] & ids[1]) and not (ids[1] & ids[2])  # a 2D model: slice by slice
 
 
 def test_current_slice_only_writes_one_slice(viewer, widget, em_crop, qtbot):
@@ -484,6 +528,10 @@ def test_demo_docks_the_widgets_with_the_sample(qtbot, monkeypatch):
             pass
         else:
             assert any("Fine-tune" in name for name in docked)
+        from napari_unet._qt.review_widget import ReviewWidget
+
+        review = next(w for name, w in docked.items() if "Correct next" in name)
+        assert isinstance(review, ReviewWidget) and review.layer_combo.currentText() == "EM membranes"
         assert _demo.main(["--no-block"]) == 0
         from napari_unet.cli import main as cli_main
 
