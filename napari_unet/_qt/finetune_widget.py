@@ -228,7 +228,8 @@ def _training_job(run: TrainingRun):
                 if event.kind == "step":
                     run.last_step = int(event.step)
                 yield event
-                notice = _autosave_into_session(run, lambda s: s.on_training_event(trainer, event))
+                notice = _autosave_into_session(
+                    run, lambda s, trainer=trainer, event=event: s.on_training_event(trainer, event))
                 if notice is not None:
                     yield notice
             break

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unet._qt.shared import ModelHolder, model_holder
+from napari_unet._qt.shared import image_layer_named, ModelHolder, model_holder
 from napari_unet._qt.workers import Job, Progress, notify_error, notify_info, start_worker
 from napari_unet.uncertainty import ReviewQueue, predict_with_uncertainty
 
@@ -133,9 +133,8 @@ class ReviewWidget(QWidget):
         self.layer_combo.setCurrentIndex(index)
 
     def selected_layer(self) -> Image | None:
-        name = self.layer_combo.currentText()
-        layer = self.viewer.layers[name] if name and name in self.viewer.layers else None
-        return layer if isinstance(layer, Image) else None
+        """The picked Image layer, or None."""
+        return image_layer_named(self.viewer, self.layer_combo.currentText())
 
     # ------------------------------------------------------------------------------ run
 

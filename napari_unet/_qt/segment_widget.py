@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unet._qt.shared import UNTRAINED_NOTE, ModelHolder, model_holder
+from napari_unet._qt.shared import image_layer_named, UNTRAINED_NOTE, ModelHolder, model_holder
 from napari_unet._qt.workers import Job, Progress, notify_error, notify_info, start_worker
 
 if TYPE_CHECKING:
@@ -343,10 +343,7 @@ class SegmentWidget(QWidget):
 
     def selected_layer(self) -> Image | None:
         """The picked Image layer, or None."""
-        name = self.layer_combo.currentText()
-        if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
-            return self.viewer.layers[name]
-        return None
+        return image_layer_named(self.viewer, self.layer_combo.currentText())
 
     def _on_layer_picked(self, name: str) -> None:
         self._update_rgb_hint()

@@ -152,3 +152,11 @@ def model_holder(viewer: Any) -> ModelHolder:
         # keyed by id (viewers compare by value); forget the holder when the viewer goes away
         weakref.finalize(viewer, _HOLDERS.pop, key, None)
     return holder
+
+
+def image_layer_named(viewer: Any, name: str) -> Any:
+    """The Image layer called ``name`` in ``viewer`` (the pickers' current text), or None."""
+    from napari.layers import Image
+
+    layer = viewer.layers[name] if name and name in viewer.layers else None
+    return layer if isinstance(layer, Image) else None

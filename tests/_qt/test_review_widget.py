@@ -6,28 +6,10 @@ import numpy as np
 import pytest
 import torch
 from napari.layers import Image
-from napari.utils.notifications import notification_manager
 
 from napari_unet._qt.review_widget import ReviewWidget
 from napari_unet._qt.shared import model_holder
 from napari_unet.models import build_model
-
-
-@pytest.fixture
-def notifications():
-    messages: list[str] = []
-
-    def record(event) -> None:
-        messages.append(event.message)
-
-    notification_manager.notification_ready.connect(record)
-    yield messages
-    notification_manager.notification_ready.disconnect(record)
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
 
 
 @pytest.fixture

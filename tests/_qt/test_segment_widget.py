@@ -28,24 +28,6 @@ CANCEL_LIMIT_S = float(os.environ.get("NAPARI_UNET_CANCEL_LIMIT_S", "2.0"))
 
 
 @pytest.fixture
-def notifications():
-    """Messages of the napari notifications dispatched during the test."""
-    messages: list[str] = []
-
-    def record(event) -> None:
-        messages.append(event.message)
-
-    notification_manager.notification_ready.connect(record)
-    yield messages
-    notification_manager.notification_ready.disconnect(record)
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-@pytest.fixture
 def widget(viewer, qtbot):
     segment = SegmentWidget(viewer)
     viewer.window.add_dock_widget(segment, name="Segment", area="right")
