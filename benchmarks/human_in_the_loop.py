@@ -3,20 +3,26 @@
 A simulated user:
 
 1. trains a start model for ``--seconds`` on slices 0-3 (the engine's default settings);
-2. segments the stack with it and "corrects" slices 4 and 5:
+2. segments the stack with it and "corrects" two slices: 4 and 5, or with ``--guided`` the two of
+   slices 4-19 that the Correct next ranking (:mod:`napari_unet.uncertainty`) puts first:
    * ``slices`` run: replaces them by the ground truth and marks them reviewed;
-   * ``strokes`` run: paints only ``--stroke-share`` (2 %) of the pixels of slices 4-5, taken where
-     the start model was wrong (whole error regions, biggest first, as a user fixes the most
-     visible mistakes; the rest of the slices stays unlabelled);
+   * ``strokes`` run: paints only ``--stroke-share`` (2 %) of their pixels, taken where the start
+     model was wrong (whole error regions, biggest first, as a user fixes the most visible
+     mistakes; the rest of the slices stays unlabelled);
 3. fine-tunes the start model for ``--seconds`` with the Fine-tune widget's default settings,
-   through the code path the widget uses (:func:`napari_unet.corrections.build_finetune_trainer`).
+   through the code path the widget uses (:func:`napari_unet.corrections.build_finetune_trainer`),
+   replaying the start model's training data (slices 0-3) as the dock does when the start model's
+   checkpoint names them (``--no-replay``: the corrections alone).
 
 Validation Dice on slices 20-23 is reported before and after, and against a reference model
-trained from scratch on slices 0-19 for the same total time (2 x ``--seconds``). Class 0 is the
-membrane, class 1 the cell interior. On a shared or slow machine the seconds buy very different
-numbers of steps from run to run; ``--steps N`` budgets steps instead (the reference gets 2N).
+trained from scratch on slices 0-19 for the same total time (2 x ``--seconds``). ``--control`` adds
+the same fine-tuning on the replayed data alone (no correction): what the corrections add beyond
+more training. Class 0 is the membrane, class 1 the cell interior. On a shared or slow machine the
+seconds buy very different numbers of steps from run to run; ``--steps N`` budgets steps instead
+(the reference gets 2N), and ``--start-cache`` trains the start model once for several ablations
+(``benchmarks/hitl_sweep.sh``).
 
-    python benchmarks/human_in_the_loop.py --data ../shared/data/isbi2012
+    python benchmarks/human_in_the_loop.py --guided --control --out benchmarks/results/hitl_guided.json
     python benchmarks/human_in_the_loop.py --steps 60 --out benchmarks/results/hitl_steps.json
 
 Timings depend on the machine and its load: the JSON records the device, the thread count and the

@@ -116,13 +116,18 @@ def train_model(
     val_images=None,
     val_labels=None,
     on_event: Callable | None = None,
+    replay: tuple | None = None,
 ):
-    """Train `model` with the engine's Trainer; returns the trainer (model holds the best weights)."""
+    """Train `model` with the engine's Trainer; returns the trainer (model holds the best weights).
+
+    ``replay``: (images, labels) the model learnt before, mixed in at ``config.replay_share``.
+    """
     from .training import Trainer
 
     trainer = Trainer(
         model, images, labels, weights, val_images=val_images, val_labels=val_labels,
         config=config, callbacks=[on_event] if on_event else (),
+        replay_images=None if replay is None else replay[0], replay_labels=None if replay is None else replay[1],
     )
     trainer.fit()
     return trainer
@@ -200,13 +205,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=args.device,
         seed=args.seed, fit_label_offset=not args.no_label_offset, dice_fade=args.dice_fade or None,
         augment_ramp=_augment_ramp(args), tta_candidates=args.tta_candidates,
+        replay_share=args.replay or 0.0,
     )
+    replay, replayed = _replay_data(args, init)
     progress = _ProgressBar(config, enabled=not args.quiet)
     trainer = train_model(model, image, labels, config=config, val_images=val_images, val_labels=val_labels,
-                          on_event=progress)
+                          on_event=progress, replay=replay)
     provenance = {
         "data_paths": [str(Path(args.images).resolve()), str(Path(args.labels).resolve())],
         "command": "train",
+        **({"replayed": [str(p) for p in replayed]} if replayed else {}),
     }
     trainer.save(output, provenance=provenance)
     best = trainer.history.get("best_val_dice")
@@ -215,6 +223,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
                "best_val_dice_per_class": best, "label_offset": list(trainer.history.get("label_offset") or [])}
     print(json.dumps(summary))
     return 0
+
+
+def _replay_data(args: argparse.Namespace, init) -> tuple[tuple | None, tuple | None]:
+    """--replay: the --init checkpoint's training data, as ((images, labels), paths), or (None, None)."""
+    from .corrections import load_replay, replay_paths
+
+    if not args.replay:
+        return None, None
+    if init is None:
+        raise CLIError("--replay mixes in the training data of the --init checkpoint: give --init")
+    paths = replay_paths(init.provenance)
+    if paths is None:
+        raise CLIError(f"the checkpoint {args.init} does not name the files it was trained on; train without --replay")
+    return load_replay(paths, spatial_dims=init.model.spatial_dims), paths
 
 
 def _augment_ramp(args: argparse.Namespace) -> float | None:
@@ -396,6 +418,10 @@ def _fade(text: str) -> float:
     return _checked_number(text, float, "a number", lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
+def _below_one(text: str) -> float:
+    return _checked_number(text, float, "a number", lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
 def _sides(text: str) -> int | tuple[int, ...]:
     """'256' or '32,96,96'."""
     try:
@@ -434,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--width", type=_positive_int, default=DEFAULT_WIDTH, help=f"features at full resolution (default {DEFAULT_WIDTH})")
     train.add_argument("--depth", type=_positive_int, default=DEFAULT_DEPTH, help=f"number of poolings (default {DEFAULT_DEPTH})")
     train.add_argument("--init", metavar="CKPT", help="start from this checkpoint (fine-tuning); --model/--width/--depth are then ignored")
+    train.add_argument("--replay", type=_below_one, default=0.0, metavar="F",
+                       help="with --init: draw this fraction of the patches from the data the checkpoint was "
+                            "trained on (the files it names), so that it keeps what it knew (default 0: off)")
     train.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after this many seconds")
     train.add_argument("--steps", type=_positive_int, metavar="N", help="stop after N optimisation steps")
     train.add_argument("--val-fraction", type=_fraction, default=defaults.val_fraction, metavar="F",

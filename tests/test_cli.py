@@ -77,6 +77,36 @@ def test_train_fine_tunes_from_a_checkpoint(trained, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "tuned.pt").config["width"] == 4  # the checkpoint's architecture
 
 
+def test_train_init_replays_the_checkpoints_own_training_data(trained, tmp_path, capsys):
+    _, images, labels, output = trained
+    new_images, new_labels = make_data(tmp_path, n=2, seed=3)
+    code, out, _ = run(capsys, "train", "--images", new_images, "--labels", new_labels, "--init", output,
+                       "--replay", "0.5", "--steps", "2", "--output", tmp_path / "tuned.pt", *TINY)
+    assert code == 0
+    provenance = load_checkpoint(tmp_path / "tuned.pt").provenance
+    assert provenance["replayed"] == [str(images.resolve()), str(labels.resolve())]
+    assert provenance["train_config"]["replay_share"] == 0.5
+    assert provenance["replay_samples"] == 3  # 4 replayed slices, one held out for validation
+
+
+def test_train_replay_needs_an_init_checkpoint_that_names_its_data(trained, tmp_path, capsys):
+    _, images, labels, output = trained
+    code, _, err = run(capsys, "train", "--images", images, "--labels", labels, "--replay", "0.5", "--steps", "1",
+                       "--output", tmp_path / "x.pt", *TINY)
+    assert_one_line_error(code, err, "--replay", "give --init")
+    moved = tmp_path / "moved.pt"
+    from napari_unet.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(output)
+    save_checkpoint(moved, ckpt.model, provenance={"data_paths": [str(tmp_path / "gone.tif"), str(labels)]})
+    code, _, err = run(capsys, "train", "--images", images, "--labels", labels, "--init", moved, "--replay", "0.5",
+                       "--steps", "1", "--output", tmp_path / "x.pt", *TINY)
+    assert_one_line_error(code, err, "gone.tif", "is not there any more")
+    code, _, err = run(capsys, "train", "--images", images, "--labels", labels, "--init", output, "--replay", "1",
+                       "--steps", "1", "--output", tmp_path / "x.pt", *TINY)
+    assert code == 2 and "must be in [0, 1)" in err
+
+
 def test_train_with_one_seed_repeats_exactly(trained, tmp_path, capsys):
     import torch
 
