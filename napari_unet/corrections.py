@@ -713,7 +713,7 @@ def replay_share_for(weights: Sequence[np.ndarray]) -> float:
 
     Replay stands in for what the corrections leave unlabelled. Sparse strokes need it (alone
     they pull the model towards the one class they mostly hold; -0.027 membrane Dice on ISBI),
-    whole reviewed slices do not (replaying beside them cost 0.011-0.019 Dice).
+    whole reviewed slices do not (replaying beside them cost 0.011-0.029 Dice).
     """
     total = sum(int(np.asarray(w).size) for w in weights)
     confirmed = sum(int(np.count_nonzero(np.asarray(w) > 0)) for w in weights)

@@ -721,7 +721,7 @@ class SessionAutosaver:
         if time.monotonic() - self._last_model_save < self.model_interval:
             return False
         # the averaged weights that validation and previews use, when the trainer keeps them
-        model = getattr(trainer, "_evaluated", None)
+        model = getattr(trainer, "evaluated_model", None)
         if model is None:
             model = trainer.model
         step = int(getattr(event, "step", 0) or 0)

@@ -350,6 +350,11 @@ class Trainer:
     def step(self) -> int:
         return self._step
 
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The weights validation and previews use: the running weight average during run()."""
+        return self._evaluated
+
     def fit(self) -> dict:
         """Run to the end, calling the callbacks with every event; returns the history."""
         for _ in self.run():
