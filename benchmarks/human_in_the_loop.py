@@ -144,12 +144,13 @@ def finetune(args, start_model, image, user_labels, state) -> tuple[torch.nn.Mod
     }
 
 
-def guided_slices(model, image: np.ndarray, device: str, count: int = 2) -> tuple[list[int], list]:
+def guided_slices(model, image: np.ndarray, device: str, count: int = 2,
+                  candidates: slice = CANDIDATE_SLICES) -> tuple[list[int], list]:
     """The ``count`` slices the Correct next dock ranks worst, among those neither trained nor tested on."""
     from napari_unet.uncertainty import predict_with_uncertainty, rank_slices
 
-    probabilities, uncertainty = predict_with_uncertainty(model, image[CANDIDATE_SLICES], device=device)
-    ranking = [(z + CANDIDATE_SLICES.start, score)
+    probabilities, uncertainty = predict_with_uncertainty(model, image[candidates], device=device)
+    ranking = [(z + candidates.start, score)
                for z, score in rank_slices(uncertainty, probabilities=probabilities)]
     return sorted(z for z, _ in ranking[:count]), [(z, round(score, 5)) for z, score in ranking]
 
@@ -182,6 +183,11 @@ def sparse_strokes(start_pred: np.ndarray, truth: np.ndarray, share: float, seed
     return mask
 
 
+def _slice_range(text: str) -> slice:
+    first, last = (int(part) for part in text.split("-"))
+    return slice(first, last + 1)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "isbi2012")
@@ -192,7 +198,10 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--mode", choices=("slices", "strokes", "both", "none"), default="both")
     parser.add_argument("--guided", action="store_true",
-                        help="correct the 2 slices of 4-19 the uncertainty ranks worst (default: slices 4-5)")
+                        help="correct the 2 slices of --candidates the uncertainty ranks worst (default: slices 4-5)")
+    parser.add_argument("--candidates", type=_slice_range, default=CANDIDATE_SLICES, metavar="A-B",
+                        help="the slices a guided user may correct (default 4-19; 4-17 keeps away from the "
+                             "test slices' neighbours)")
     parser.add_argument("--stroke-share", type=float, default=0.02)
     parser.add_argument("--model", default="unet")
     parser.add_argument("--width", type=int, default=16, help="the Fine-tune widget's fresh-model default")
@@ -245,7 +254,7 @@ def main(argv=None) -> dict:
     start_pred = segment(start_model, image, device)  # what the Segment widget would show
     corrected = CORRECTED
     if args.guided:  # the slices the Correct next dock ranks worst by the start model's uncertainty
-        corrected, ranking = guided_slices(start_model, image, device)
+        corrected, ranking = guided_slices(start_model, image, device, candidates=args.candidates)
         report["guided"] = {"corrected_slices": list(corrected), "ranking": ranking}
         print(f"guided: correct slices {corrected}", flush=True)
     report["corrected_slices"] = list(corrected)
