@@ -177,6 +177,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     devices.resolve_device(args.device)  # a bad device fails before anything is read
     output = check_writable(args.output)
     image = np.asarray(io.read_image(_require_file(args.images, "images")))
+    io.check_image(image, name=f"image {Path(args.images).name}")
     labels = io.read_labels(_require_file(args.labels, "labels"))
     init = None
     if args.init is not None:
@@ -188,6 +189,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spatial_dims = 3 if args.model.endswith("3d") else 2
     in_channels = split_channels(image, labels, spatial_dims)
     n_classes = max(2, int(labels.max()) + 1)
+    if not args.replay and int(labels.min()) == int(labels.max()):
+        raise CLIError(f"every pixel of {Path(args.labels).name} is class {int(labels.max())}; training needs at least "
+                       "two classes (e.g. background 0 and foreground 1)")
     model = build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=in_channels,
                                 n_classes=n_classes, init=init, seed=args.seed)
     val_images = val_labels = None
@@ -262,6 +266,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     probabilities_path = check_writable(args.probabilities) if args.probabilities else None
     instances_path, method = _instances_request(args)
     image = io.read_image(_require_file(args.images, "images"), lazy=True)
+    io.check_image(image, name=f"image {Path(args.images).name}")
+    if io.looks_like_rgb(image) and int(ckpt.model.in_channels) == 1:
+        raise CLIError(f"{Path(args.images).name} is an RGB image ({_shape(image.shape)}) but the model takes 1 channel; "
+                       "convert it to grayscale first")
     options = dict(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device)
     progress = _tile_progress(enabled=not args.quiet)
     make_instances = None
@@ -549,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _describe(error: BaseException) -> str:
     """One line for the user: the engine's plain sentence, or the OS error and its file."""
+    from .devices import is_out_of_memory
     from .training import TrainingOutOfMemory
 
     if isinstance(error, (ValueError, TrainingOutOfMemory)):
@@ -556,7 +565,7 @@ def _describe(error: BaseException) -> str:
     elif isinstance(error, OSError):
         where = f": {error.filename}" if error.filename else ""
         text = f"{error.strerror or error}{where}"
-    elif isinstance(error, MemoryError):
+    elif isinstance(error, MemoryError) or is_out_of_memory(error):
         text = "out of memory; use a smaller tile, batch or patch size"
     else:
         text = f"{type(error).__name__}: {error}"

@@ -151,6 +151,8 @@ def make_samples(
     samples = []
     for index, (image, label, weight) in enumerate(zip(image_list, label_list, weight_list)):
         image = _image_with_channels(image, spatial_dims, in_channels, index)
+        if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+            raise DataError(f"Image {index} contains NaN or infinite pixels; replace them (e.g. with 0) before training.")
         if label.shape != image.shape[1:]:
             raise DataError(f"Labels {index} have shape {label.shape} but image {index} has spatial shape {image.shape[1:]}.")
         if not np.issubdtype(label.dtype, np.integer) and not np.issubdtype(label.dtype, np.bool_):

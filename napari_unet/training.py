@@ -230,6 +230,17 @@ def _to_classes(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
+def _check_sides(samples, model: nn.Module) -> None:
+    """One plain sentence, not the network's, when an image is thinner than the model can pool."""
+    depth = int((getattr(model, "config", None) or {}).get("depth", getattr(model, "depth", 0)) or 0)
+    thin = [s.spatial_shape for s in samples if min(s.spatial_shape) < 2**depth]
+    if thin:
+        raise DataError(
+            f"The images are {' x '.join(str(n) for n in thin[0])} pixels, too thin for this model: with depth "
+            f"{depth} every side must be at least {2**depth} pixels."
+        )
+
+
 class Trainer:
     """Trains a segmentation model on (sparsely) labelled images; see the module docstring.
 
@@ -287,6 +298,7 @@ class Trainer:
             )
 
         samples = make(images, labels, weights)
+        _check_sides(samples, model)
         if val_images is not None or val_labels is not None:
             if val_images is None or val_labels is None:
                 raise DataError("Validation needs both images and labels.")

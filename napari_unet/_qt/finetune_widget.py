@@ -303,7 +303,10 @@ def _save_job(writer: "AutosaveWriter", path: Path, state: CorrectionState, labe
     """Write one autosave in a worker (atomic; an older snapshot never overwrites a newer one),
     and into the open session, if any."""
     yield from ()
-    saved = writer.write(path, state, labels, meta)
+    try:
+        saved = writer.write(path, state, labels, meta)
+    except OSError as exc:  # disk full, folder gone: one plain sentence, as flush_autosave says it
+        raise CorrectionsError(f"Could not save the corrections to {path}: {exc.strerror or exc}.") from exc
     if session is not None:
         session.save_corrections(state, labels, settings=settings)
     return saved
@@ -1511,6 +1514,7 @@ class FinetuneWidget(QWidget):
 
     def _launch(self, *, resume: bool) -> None:
         if self.is_training:
+            notify_error("A fine-tuning is already running: stop it before starting another.")
             return
         try:
             if resume:
