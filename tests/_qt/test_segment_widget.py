@@ -410,23 +410,6 @@ def test_cuda_without_gpu_gives_a_message(viewer, widget, em_crop, qtbot, notifi
     viewer_still_works(viewer, widget, qtbot)
 
 
-def test_out_of_memory_gives_advice(viewer, widget, em_crop, qtbot, notifications, monkeypatch):
-    import napari_unet.inference
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(napari_unet.inference, "predict", out_of_memory)
-    widget.set_fresh_model("unet", width=4, depth=2)
-    widget.set_device("cpu")
-    widget.run()
-    wait_for(qtbot, widget)
-    assert "Out of memory on cpu: try a smaller tile or batch." in notifications
-    assert output_names(viewer, "crop") == []
-    monkeypatch.undo()
-    viewer_still_works(viewer, widget, qtbot)
-
-
 # ---------------------------------------------------------------------------------- heartbeat
 
 
