@@ -313,17 +313,11 @@ def _instances_request(args: argparse.Namespace) -> tuple[Path | None, str]:
 def _instances(model, probabilities, method: str, threshold: float) -> np.ndarray:
     """Instance ids from probabilities (in memory or zarr): a 2D model's stack slice by slice,
     one slice read at a time (ids stay unique across the stack); a 3D model's volume whole."""
-    from .instances import instances_from_probabilities
+    from .instances import instances_from_probabilities, instances_slice_by_slice
 
-    if not (int(model.spatial_dims) == 2 and len(probabilities.shape) == 4):
-        return instances_from_probabilities(np.asarray(probabilities[...]), method, threshold=threshold)
-    result = np.zeros(probabilities.shape[1:], np.int32)
-    offset = 0
-    for z in range(probabilities.shape[1]):
-        ids = instances_from_probabilities(np.asarray(probabilities[:, z]), method, threshold=threshold)
-        result[z] = np.where(ids > 0, ids + offset, 0)
-        offset += int(ids.max(initial=0))
-    return result
+    if int(model.spatial_dims) == 2 and len(probabilities.shape) == 4:
+        return instances_slice_by_slice(probabilities, method, threshold=threshold)
+    return instances_from_probabilities(np.asarray(probabilities[...]), method, threshold=threshold)
 
 
 def _predict_to_zarr(model, image, output: Path, probabilities_path, options, progress, threshold,

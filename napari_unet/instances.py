@@ -22,7 +22,7 @@ probability is ``1 - P(foreground_class)`` (the membrane channel of a binary ISB
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "InstancesError",
     "component_instances",
     "instances_from_probabilities",
+    "instances_slice_by_slice",
     "watershed_instances",
 ]
 
@@ -147,6 +148,25 @@ def instances_from_probabilities(
     return component_instances(labels, foreground_class, per_slice=per_slice)
 
 
+def instances_slice_by_slice(
+    probabilities: Any, method: str = "watershed", *, threshold: float = 0.5, foreground_class: int = 1,
+) -> np.ndarray | None:
+    """Instances of a 2D model's ``(C, Z, Y, X)`` probabilities, reading one slice at a time (a zarr
+    store bigger than memory works), ids unique in the stack; as ``per_slice=True`` otherwise.
+    ``"none"`` returns None."""
+    if method == "none":
+        return None
+    shape = tuple(int(s) for s in probabilities.shape[1:])
+    if len(shape) != 3:
+        raise InstancesError(f"Labelling slice by slice needs (C, Z, Y, X) probabilities, not shape {tuple(probabilities.shape)}.")
+    per_slice = (
+        instances_from_probabilities(np.asarray(probabilities[:, z]), method, threshold=threshold,
+                                     foreground_class=foreground_class)
+        for z in range(shape[0])
+    )
+    return _stack_slices(per_slice, shape)
+
+
 # ---------------------------------------------------------------------------------- internals
 
 
@@ -179,10 +199,14 @@ def _apply(label_one: Callable[[np.ndarray], np.ndarray], array: np.ndarray, per
     """``label_one`` on the whole array, or on each slice with ids offset to stay unique."""
     if not per_slice:
         return label_one(array).astype(np.int32, copy=False)
-    instances = np.zeros(array.shape, dtype=np.int32)
+    return _stack_slices((label_one(plane) for plane in array), array.shape)
+
+
+def _stack_slices(slices: Iterable[np.ndarray], shape: Sequence[int]) -> np.ndarray:
+    """Each slice's ids, offset so that they stay unique in the (Z, Y, X) stack."""
+    instances = np.zeros(tuple(shape), dtype=np.int32)
     offset = 0
-    for z, plane in enumerate(array):
-        ids = label_one(plane)
+    for z, ids in enumerate(slices):
         instances[z] = np.where(ids > 0, ids + offset, 0)
         offset += int(ids.max(initial=0))
     return instances

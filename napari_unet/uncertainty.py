@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import label_offset as offsets
-from .inference import PredictionCancelled, _tta_views, predict, volume_statistics
+from .inference import PredictionCancelled, _is_dask, _tta_views, predict, volume_statistics
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -401,10 +401,6 @@ class ReviewQueue:
 def _views(dims: int) -> list[tuple[bool, tuple[int, ...]]]:
     """(transpose Y/X, flipped spatial axes counted from the end) of each view; identity first."""
     return [(transpose, tuple(axis - 2 - dims for axis in flips)) for transpose, flips in _tta_views(dims)]
-
-
-def _is_dask(image: Any) -> bool:
-    return type(image).__module__.startswith("dask.")
 
 
 def _forward(image: Any, transpose: bool, flips: tuple[int, ...]) -> Any:

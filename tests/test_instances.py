@@ -7,6 +7,7 @@ import pytest
 
 from napari_unet import inference
 from napari_unet.instances import (
+    instances_slice_by_slice,
     METHODS,
     WATERSHED_DEFAULTS,
     InstancesError,
@@ -84,6 +85,14 @@ def test_per_slice_ids_are_unique_across_the_stack():
     labels = inference.probabilities_to_labels(stack)
     np.testing.assert_array_equal(inference.labels_to_instances(labels, per_slice=True), components)
     assert inference.labels_to_instances(labels).max() == 1  # 3D components join the slices
+    # read one slice at a time (what the CLI does on a zarr store): the same ids
+    import zarr
+
+    store = zarr.create_array(store={}, shape=stack.shape, chunks=(2, 1, 24, 24), dtype=stack.dtype)
+    store[...] = stack
+    for method, expected in (("watershed", ids), ("components", components)):
+        np.testing.assert_array_equal(instances_slice_by_slice(store, method), expected)
+    assert instances_slice_by_slice(store, "none") is None
 
 
 def test_component_instances_keeps_one_pixel_membranes():

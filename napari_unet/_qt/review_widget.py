@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unet._qt.shared import image_layer_named, ModelHolder, model_holder
+from napari_unet._qt.shared import image_layer_named, select_layer_in, ModelHolder, model_holder
 from napari_unet._qt.workers import Job, Progress, notify_error, notify_info, start_worker
 from napari_unet.uncertainty import ReviewQueue, predict_with_uncertainty
 
@@ -127,10 +127,7 @@ class ReviewWidget(QWidget):
             self.layer_combo.setCurrentText(current)
 
     def select_layer(self, name: str) -> None:
-        index = self.layer_combo.findText(name)
-        if index < 0:
-            raise ValueError(f"no image layer called {name!r}")
-        self.layer_combo.setCurrentIndex(index)
+        select_layer_in(self.layer_combo, name)
 
     def selected_layer(self) -> Image | None:
         """The picked Image layer, or None."""

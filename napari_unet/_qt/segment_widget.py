@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unet._qt.shared import image_layer_named, UNTRAINED_NOTE, ModelHolder, model_holder
+from napari_unet._qt.shared import image_layer_named, select_layer_in, UNTRAINED_NOTE, ModelHolder, model_holder
 from napari_unet._qt.workers import Job, Progress, notify_error, notify_info, start_worker
 
 if TYPE_CHECKING:
@@ -335,11 +335,7 @@ class SegmentWidget(QWidget):
 
     def select_layer(self, layer: Image | str) -> None:
         """Pick the image layer to segment (a layer or its name)."""
-        name = layer if isinstance(layer, str) else layer.name
-        index = self.layer_combo.findText(name)
-        if index < 0:
-            raise ValueError(f"no image layer called {name!r}")
-        self.layer_combo.setCurrentIndex(index)
+        select_layer_in(self.layer_combo, layer if isinstance(layer, str) else layer.name)
 
     def selected_layer(self) -> Image | None:
         """The picked Image layer, or None."""

@@ -160,3 +160,11 @@ def image_layer_named(viewer: Any, name: str) -> Any:
 
     layer = viewer.layers[name] if name and name in viewer.layers else None
     return layer if isinstance(layer, Image) else None
+
+
+def select_layer_in(combo: Any, name: str) -> None:
+    """Make the layer called ``name`` the current entry of a layer picker (ValueError if absent)."""
+    index = combo.findText(name)
+    if index < 0:
+        raise ValueError(f"no image layer called {name!r}")
+    combo.setCurrentIndex(index)
