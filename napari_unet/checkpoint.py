@@ -299,7 +299,7 @@ def _safe_torch_load(path: Path, map_location: Any) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise for foreign files
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "global" in str(error).lower() or _pickle_imports_objects(path):
+        if _pickle_imports_objects(path):
             raise CheckpointError(
                 f"checkpoint {path.name} contains Python objects that could run code; it was refused "
                 "(only napari-unet checkpoints holding plain data are loaded)"
@@ -337,7 +337,10 @@ def _looks_like_damaged_zip(path: Path, error: BaseException) -> bool:
 
 
 def _pickle_imports_objects(path: Path) -> bool:
-    """Scan (never run) the pickle for opcodes that import or call Python objects."""
+    """Scan (never run) the pickle for opcodes that import or call Python objects.
+
+    Only a whole, well-formed pickle counts: random bytes can begin with what reads as an import
+    opcode (about 1 file in 150 of 4 KiB did), and those are foreign files, not code."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -349,13 +352,13 @@ def _pickle_imports_objects(path: Path) -> bool:
             data = path.read_bytes()
     except (OSError, zipfile.BadZipFile, RuntimeError):
         return False
+    imports = False
     try:
         for opcode, _, _ in pickletools.genops(data):
-            if opcode.name in _CODE_OPCODES:
-                return True
+            imports = imports or opcode.name in _CODE_OPCODES
     except Exception:  # not a pickle at all (random bytes): genops stops at the first bad opcode
         return False
-    return False
+    return imports
 
 
 def _check_payload(payload: Any, path: Path) -> None:

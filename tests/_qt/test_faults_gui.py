@@ -340,8 +340,9 @@ def test_viewer_closed_mid_fine_tune(make_napari_viewer, autosave_dir, qtbot, no
     widget.start()
     qtbot.waitUntil(lambda: widget.plots.n_loss_points >= 1, timeout=30_000)
     viewer.close()
-    wait_for_training(qtbot, widget, timeout=20_000)
-    qtbot.waitUntil(lambda: bool(list(autosave_dir.glob("*.pt"))), timeout=10_000)
+    # the run's own outcome, not widget.is_training: Qt may delete the closed dock before its
+    # worker's finished callback resets that flag. Saved within 30 s of a 60-s budget: it stopped.
+    qtbot.waitUntil(lambda: bool(list(autosave_dir.glob("*.pt"))), timeout=30_000)
     (checkpoint,) = autosave_dir.glob("*.pt")
     from napari_unet.checkpoint import load_checkpoint
 
