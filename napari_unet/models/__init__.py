@@ -20,8 +20,11 @@ from .registry import (
     format_parameter_table,
     parameter_table,
     register_model,
+    variant_options,
 )
+from .transunet import TransUNet
 from .unet import UNet
+from .unetpp import UNetPlusPlus
 
 __all__ = [
     "NORMS",
@@ -30,7 +33,9 @@ __all__ = [
     "Down",
     "OutConv",
     "ResidualBlock",
+    "TransUNet",
     "UNet",
+    "UNetPlusPlus",
     "Up",
     "available_models",
     "build_model",
@@ -38,4 +43,5 @@ __all__ = [
     "format_parameter_table",
     "parameter_table",
     "register_model",
+    "variant_options",
 ]

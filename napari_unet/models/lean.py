@@ -59,7 +59,7 @@ def _forward_releasing_skips(self: UNet, x: torch.Tensor) -> torch.Tensor:
     del x
     for down in self.downs:
         skips.append(down(skips[-1]))
-    features = self.bottleneck_dropout(skips.pop())
+    features = self.bottleneck_dropout(self.bottleneck(skips.pop()))
     for up in self.ups:
         maps = [features, skips.pop()]
         del features

@@ -9,21 +9,33 @@ import torch
 import torch.nn as nn
 
 from .blocks import NORMS, DoubleConv, ResidualBlock
+from .transunet import TransUNet
 from .unet import UNet
+from .unetpp import UNetPlusPlus
 
 MAX_DEPTH = 8
+MAX_TRANSFORMER_LAYERS = 24
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
+# the options a variant takes beyond the shared ones, with their defaults
+_VARIANT_OPTIONS: dict[str, dict[str, bool | int]] = {}
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator registering ``factory(name=..., in_channels=..., ...)`` under ``name``."""
+def register_model(
+    name: str, options: dict[str, bool | int] | None = None
+) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator registering ``factory(name=..., in_channels=..., ...)`` under ``name``.
+
+    ``options``: the variant's own options and their defaults (a bool option takes True/False, an
+    int option a positive integer); ``build_model`` passes them on and they enter ``.config``.
+    """
 
     def decorator(factory: ModelFactory) -> ModelFactory:
         if name in _REGISTRY:
             raise ValueError(f"a model named {name!r} is already registered")
         _REGISTRY[name] = factory
+        _VARIANT_OPTIONS[name] = dict(options or {})
         return factory
 
     return decorator
@@ -47,6 +59,21 @@ def _attention_unet(**kwargs: Any) -> nn.Module:
     return UNet(spatial_dims=2, block=DoubleConv, attention=True, **kwargs)
 
 
+@register_model("unetpp", options={"deep_supervision": False})
+def _unetpp(**kwargs: Any) -> nn.Module:
+    """UNet++: nested dense skip pathways (Zhou et al. 2018), 2D."""
+    return UNetPlusPlus(spatial_dims=2, **kwargs)
+
+
+_TRANSFORMER_OPTIONS = {"transformer_layers": 2, "heads": 4}
+
+
+@register_model("transunet", options=_TRANSFORMER_OPTIONS)
+def _transunet(**kwargs: Any) -> nn.Module:
+    """UNet with a transformer bottleneck (after TransUNet, Chen et al. 2021), 2D."""
+    return TransUNet(spatial_dims=2, **kwargs)
+
+
 @register_model("unet3d")
 def _unet3d(**kwargs: Any) -> nn.Module:
     """3D U-Net (Cicek et al. 2016)."""
@@ -65,9 +92,28 @@ def _attention_unet3d(**kwargs: Any) -> nn.Module:
     return UNet(spatial_dims=3, block=DoubleConv, attention=True, **kwargs)
 
 
+@register_model("unetpp3d", options={"deep_supervision": False})
+def _unetpp3d(**kwargs: Any) -> nn.Module:
+    """UNet++, 3D."""
+    return UNetPlusPlus(spatial_dims=3, **kwargs)
+
+
+@register_model("transunet3d", options=_TRANSFORMER_OPTIONS)
+def _transunet3d(**kwargs: Any) -> nn.Module:
+    """UNet with a transformer bottleneck, 3D."""
+    return TransUNet(spatial_dims=3, **kwargs)
+
+
 def available_models() -> list[str]:
     """Names accepted by ``build_model``, in registration order."""
     return list(_REGISTRY)
+
+
+def variant_options(name: str) -> dict[str, bool | int]:
+    """The options ``name`` takes beyond the shared ones, with their defaults."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(available_models())}")
+    return dict(_VARIANT_OPTIONS[name])
 
 
 def _check_positive_int(option: str, value: object, maximum: int | None = None) -> None:
@@ -86,14 +132,17 @@ def build_model(
 
     Options: ``norm`` ("batch", "instance", "group" or "none"; default "batch"), ``dropout``
     (probability at the bottleneck, default 0), ``bilinear`` (default True; False uses transposed
-    convolutions). ``build_model(**model.config)`` rebuilds the same architecture.
+    convolutions), plus the variant's own (``variant_options(name)``: ``deep_supervision`` for
+    UNet++, ``transformer_layers`` and ``heads`` for TransUNet).
+    ``build_model(**model.config)`` rebuilds the same architecture.
     Raises ``ValueError`` for an unknown name or option, or an invalid value.
     """
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown model {name!r}; known models: {', '.join(available_models())}"
         )
-    known_options = {"norm", "dropout", "bilinear"}
+    own_options = _VARIANT_OPTIONS[name]
+    known_options = {"norm", "dropout", "bilinear"} | set(own_options)
     unknown = sorted(set(options) - known_options)
     if unknown:
         raise ValueError(
@@ -115,9 +164,18 @@ def build_model(
     if not isinstance(bilinear, bool):
         raise ValueError(f"bilinear must be True or False, got {bilinear!r}")
 
+    chosen = {option: options.get(option, default) for option, default in own_options.items()}
+    for option, value in chosen.items():
+        if isinstance(own_options[option], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{option} must be True or False, got {value!r}")
+        else:
+            maximum = MAX_TRANSFORMER_LAYERS if option == "transformer_layers" else None
+            _check_positive_int(option, value, maximum=maximum)
+
     return _REGISTRY[name](
         name=name, in_channels=in_channels, out_channels=out_channels, width=width, depth=depth,
-        norm=norm, dropout=float(dropout), bilinear=bilinear,
+        norm=norm, dropout=float(dropout), bilinear=bilinear, **chosen,
     )
 
 

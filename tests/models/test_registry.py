@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 
 from napari_unet import models
-from napari_unet.models import registry
 from napari_unet.models import (
     available_models,
     build_model,
@@ -15,9 +14,13 @@ from napari_unet.models import (
     format_parameter_table,
     parameter_table,
     register_model,
+    registry,
 )
 
-VARIANTS = ["unet", "resunet", "attention_unet", "unet3d", "resunet3d", "attention_unet3d"]
+VARIANTS = [
+    "unet", "resunet", "attention_unet", "unetpp", "transunet",
+    "unet3d", "resunet3d", "attention_unet3d", "unetpp3d", "transunet3d",
+]
 
 # milesial/Pytorch-UNet UNet(n_channels=1, n_classes=1, bilinear=False)
 MILESIAL_UNET_PARAMS = 31_042_369
@@ -40,7 +43,7 @@ def test_model_attributes(name):
     assert (model.in_channels, model.out_channels, model.depth) == (2, 3, 2)
     assert model.config == {
         "name": name, "in_channels": 2, "out_channels": 3, "width": 4, "depth": 2,
-        "norm": "batch", "dropout": 0.0, "bilinear": True,
+        "norm": "batch", "dropout": 0.0, "bilinear": True, **registry.variant_options(name),
     }
 
 
@@ -147,4 +150,4 @@ def test_parameter_table_rows():
         )
     table = format_parameter_table(rows)
     assert table.splitlines()[0] == "| variant | dims | width | depth | params |"
-    assert f"| unet | 2D | 32 | 4 | {rows[6]['params']:,} |" in table
+    assert f"| unet | 2D | 32 | 4 | {rows[len(VARIANTS)]['params']:,} |" in table

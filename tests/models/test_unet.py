@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from napari_unet.models import available_models, build_model, count_parameters
 
-VARIANTS_2D = ["unet", "resunet", "attention_unet"]
-VARIANTS_3D = ["unet3d", "resunet3d", "attention_unet3d"]
+VARIANTS_2D = ["unet", "resunet", "attention_unet", "unetpp", "transunet"]
+VARIANTS_3D = ["unet3d", "resunet3d", "attention_unet3d", "unetpp3d", "transunet3d"]
 ODD_SHAPE = {2: (37, 51), 3: (9, 19, 21)}  # no side a multiple of 2**2
 
 
