@@ -256,7 +256,8 @@ def _atomic_torch_save(payload: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Checkpoint:
-    """Load a checkpoint written by :func:`save_checkpoint` (safely: plain data only).
+    """Load a checkpoint written by :func:`save_checkpoint` (safely: plain data only), or the one
+    inside a bioimage.io package written by ``napari-unet export``.
 
     The model is rebuilt from its config, gets the weights, is put in eval mode and carries
     ``model.normalization`` and ``model.class_names``. Raises :class:`CheckpointError` for a missing,
@@ -267,6 +268,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
         raise CheckpointError(f"no such checkpoint file: {path}")
     if not path.is_file():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    from .bioimageio import import_bioimageio, is_bioimageio_package  # it builds on this module
+
+    if is_bioimageio_package(path):
+        return import_bioimageio(path, map_location=map_location)
     payload = _safe_torch_load(path, map_location)
     _check_payload(payload, path)
     config = dict(payload["config"])

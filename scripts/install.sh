@@ -25,4 +25,11 @@ fi
 # a multi-GB CUDA build). Elsewhere pip picks the right wheel for the platform.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[${extra}]"
+if [ "$extra" = testing ]; then
+  # the official bioimage.io validator, for the package tests. bioimageio.core 0.11 pins
+  # bioimageio.spec 0.5.12, which cannot build a model description under pydantic 2.14 (a serializer
+  # TypeError); core 0.11 runs fine beside spec 0.5.14, so it is installed without its pin.
+  .venv/bin/python -m pip install -q --no-deps "bioimageio.core==0.11.0"
+  .venv/bin/python -m pip install -q xarray imagecodecs
+fi
 echo "napari-unet installed in $(pwd)/.venv"

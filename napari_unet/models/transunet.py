@@ -21,28 +21,34 @@ from .blocks import DoubleConv, init_weights
 from .unet import UNet
 
 
-def sinusoidal_positions(grid: tuple[int, ...], channels: int, *, device: torch.device,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """(prod(grid), channels) position codes: each axis gets its share of sin/cos frequencies.
+@torch.jit.script_if_tracing  # a traced export then computes the codes for each input's grid
+def sinusoidal_positions(features: torch.Tensor) -> torch.Tensor:
+    """(positions, channels) codes for the grid of ``features`` (N, C, *grid), in row-major order.
 
-    Channels that do not divide evenly among the axes' sin/cos pairs are left zero.
+    Each spatial axis gets its share of sin/cos frequencies; channels that do not divide evenly
+    among the axes' sin/cos pairs are left zero. A position's code does not depend on the grid's
+    size, so tiles of a big image agree.
     """
+    channels = features.shape[1]
+    grid = features.shape[2:]
     axes = len(grid)
     per_axis = channels // (2 * axes)
-    codes = torch.zeros(*grid, channels, device=device, dtype=torch.float32)
-    if per_axis == 0:
-        return codes.reshape(-1, channels).to(dtype)
     frequencies = torch.exp(
-        -math.log(10000.0) * torch.arange(per_axis, device=device, dtype=torch.float32) / per_axis
+        -math.log(10000.0) * torch.arange(per_axis, device=features.device, dtype=torch.float32) / max(per_axis, 1)
     )
-    for axis, size in enumerate(grid):
-        angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * frequencies
-        shape = [1] * axes + [per_axis]
-        shape[axis] = size
-        start = 2 * axis * per_axis
-        codes[..., start:start + per_axis] = torch.sin(angles).reshape(shape)
-        codes[..., start + per_axis:start + 2 * per_axis] = torch.cos(angles).reshape(shape)
-    return codes.reshape(-1, channels).to(dtype)
+    parts: list[torch.Tensor] = []
+    for axis in range(axes):
+        # each position's coordinate along this axis, in row-major order (no modulo: ONNX-friendly)
+        view_shape = [1] * axes
+        view_shape[axis] = grid[axis]
+        coordinate = torch.arange(grid[axis], device=features.device, dtype=torch.float32)
+        coordinate = coordinate.reshape(view_shape).expand(grid).reshape(-1)
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    codes = torch.cat(parts, dim=1)
+    unused = channels - 2 * axes * per_axis
+    codes = torch.nn.functional.pad(codes, [0, unused])
+    return codes.to(features.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -90,10 +96,8 @@ class TransformerBottleneck(nn.Module):
         self.norm = nn.LayerNorm(channels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        _, channels, *grid = features.shape
         tokens = features.flatten(2).transpose(1, 2)
-        tokens = tokens + sinusoidal_positions(tuple(grid), channels, device=features.device,
-                                               dtype=tokens.dtype)
+        tokens = tokens + sinusoidal_positions(features)
         for layer in self.layers:
             tokens = layer(tokens)
         tokens = self.norm(tokens)

@@ -16,7 +16,7 @@ def _seed():
 
 @pytest.mark.parametrize("grid", [(5, 7), (3, 4, 6), (1, 9)])
 def test_positions_are_distinct_and_bounded_at_any_grid(grid):
-    codes = sinusoidal_positions(grid, 24, device=torch.device("cpu"), dtype=torch.float32)
+    codes = sinusoidal_positions(torch.zeros(1, 24, *grid))
     count = int(torch.tensor(grid).prod())
     assert codes.shape == (count, 24)
     assert codes.abs().max() <= 1
@@ -24,8 +24,8 @@ def test_positions_are_distinct_and_bounded_at_any_grid(grid):
 
 
 def test_positions_do_not_depend_on_the_grid_they_sit_in():
-    small = sinusoidal_positions((4, 4), 16, device=torch.device("cpu"), dtype=torch.float32)
-    big = sinusoidal_positions((8, 8), 16, device=torch.device("cpu"), dtype=torch.float32)
+    small = sinusoidal_positions(torch.zeros(1, 16, 4, 4))
+    big = sinusoidal_positions(torch.zeros(2, 16, 8, 8))
     # position (y, x) has one code wherever the tile ends: tiles of a big image agree
     torch.testing.assert_close(small.reshape(4, 4, 16), big.reshape(8, 8, 16)[:4, :4])
 
