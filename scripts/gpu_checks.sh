@@ -8,8 +8,8 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-# A GPU machine without a package index may lack zarr and dask (tests/test_io.py and
-# tests/test_inference.py import them): carry their wheels in .whl/, downloaded beside the checkout with
+# A GPU machine without a package index may lack zarr and dask (tests/io/ and tests/inference/
+# import them): carry their wheels in .whl/, downloaded beside the checkout with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl zarr numcodecs donfig crc32c google-crc32c dask partd locket
 if [ -d .whl ]; then  # wheels carried to a machine without a package index

@@ -7,13 +7,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from napari_unet import bioimageio, export
 from napari_unet._sample_data import SAMPLE_MODEL
 from napari_unet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from napari_unet.models import build_model
 
+yaml = pytest.importorskip("yaml")
 pytestmark = pytest.mark.skipif(not bioimageio.spec_available(),
                                 reason="bioimageio.spec not installed (pip install 'napari-unet[export]')")
 

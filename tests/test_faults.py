@@ -374,7 +374,7 @@ def test_out_of_memory_while_predicting(models, tmp_path, capsys, monkeypatch, e
     def out_of_memory(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(inference, "_run_batch", out_of_memory)
+    monkeypatch.setattr(inference.runner, "_run_batch", out_of_memory)
     code, _, err = predict_cli(capsys, models, tmp_path, stack(), output="out.zarr")
     assert_error(code, err, "out of memory; use a smaller tile, batch or patch size")
     assert files(tmp_path) == ["image.npy"]  # no output, no temporary store
@@ -515,7 +515,7 @@ def test_interrupted_command_line_run(models, tmp_path, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference, "_run_batch", interrupt)
+    monkeypatch.setattr(inference.runner, "_run_batch", interrupt)
     code, _, err = predict_cli(capsys, models, tmp_path, stack(), output="out.zarr")
     assert code == 130 and err.strip() == "napari-unet: interrupted"
     assert files(tmp_path) == ["image.npy"]
