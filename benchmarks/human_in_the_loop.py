@@ -10,7 +10,7 @@ A simulated user:
      model was wrong (whole error regions, biggest first, as a user fixes the most visible
      mistakes; the rest of the slices stays unlabelled);
 3. fine-tunes the start model for ``--seconds`` with the Fine-tune widget's default settings,
-   through the code path the widget uses (:func:`napari_unet.corrections.build_finetune_trainer`),
+   through the session the widget drives (:class:`napari_unet.finetuning.FinetuneSession`),
    replaying the start model's training data (slices 0-3) as the dock does when the start model's
    checkpoint names them (``--no-replay``: the corrections alone).
 
@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,8 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from napari_unet import io  # noqa: E402
-from napari_unet.corrections import CorrectionState, FinetuneSettings, build_finetune_trainer  # noqa: E402
+from napari_unet.corrections import CorrectionState, FinetuneSettings  # noqa: E402
 from napari_unet.devices import resolve_device  # noqa: E402
+from napari_unet.finetuning import FinetuneSession, SharedModel  # noqa: E402
 from napari_unet.inference import predict, probabilities_to_labels  # noqa: E402
 from napari_unet.metrics import dice_per_class  # noqa: E402
 from napari_unet.models import build_model  # noqa: E402
@@ -125,18 +127,20 @@ def finetune(args, start_model, image, user_labels, state) -> tuple[torch.nn.Mod
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     settings = FinetuneSettings(**overrides)
-    model = copy.deepcopy(start_model)
-    for name in ("normalization", "class_names"):
-        if hasattr(start_model, name):
-            setattr(model, name, copy.deepcopy(getattr(start_model, name)))
+    session = FinetuneSession(settings)
+    session.set_image(image, name="ISBI 2012 train-volume", fingerprint="")  # no autosave: no fingerprint
+    session.set_labels(user_labels, state, name="corrected labels")
+    session.shared = SharedModel(start_model, source="the start model")  # fine-tuned as a copy
     # replay: the start model's training data, as the Fine-tune dock finds it in a checkpoint's provenance
-    replay = (image[START_SLICES], args.truth[START_SLICES]) if args.replay else None
-    trainer = build_finetune_trainer(model, image, user_labels, state, settings, replay=replay)
-    started = time.perf_counter()
-    history = trainer.fit()
-    return trainer.model, {
+    session.replay_data = (image[START_SLICES], args.truth[START_SLICES]) if args.replay else None
+    with tempfile.TemporaryDirectory() as folder:
+        session.checkpoint_out = str(Path(folder) / "finetuned.pt")  # the session saves; the run reloads it
+        started = time.perf_counter()
+        session.start()
+        run = session.run_to_end()
+    return run.model, {
         "seconds": round(time.perf_counter() - started, 1),
-        "steps": _steps(history),
+        "steps": _steps(run.history),
         "settings": settings.to_dict(),
         "confirmed_pixels": state.counts(settings.margin).confirmed,
         "reviewed_slices": sorted(state.reviewed_slices),

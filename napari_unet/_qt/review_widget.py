@@ -28,8 +28,20 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unet._qt.shared import image_layer_named, select_layer_in, ModelHolder, model_holder
-from napari_unet._qt.workers import Job, Progress, notify_error, notify_info, start_worker
+from napari_unet._qt.layer_picker import LayerPicker
+from napari_unet._qt.shared import (
+    ModelHolder,
+    image_layer_named,
+    model_holder,
+    select_layer_in,
+)
+from napari_unet._qt.workers import (
+    Job,
+    Progress,
+    notify_error,
+    notify_info,
+    start_worker,
+)
 from napari_unet.uncertainty import ReviewQueue, predict_with_uncertainty
 
 if TYPE_CHECKING:
@@ -63,19 +75,15 @@ class ReviewWidget(QWidget):
         self._job: Job | None = None
         self._layer_name = ""  # the image the current ranking belongs to
         self._axes: tuple[int, ...] = ()  # its data axes the ranking's positions are on
-        self._build_ui()
-        self._connections: list[tuple[Any, Any]] = []
-        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            emitter.connect(self.refresh_layers)
-            self._connections.append((emitter, self.refresh_layers))
+        self._build_ui()  # the layer picker follows the layer list itself
+        self._connections = [(emitter, self.layer_combo.refresh) for emitter in self.layer_combo.viewer_events()]
         self.destroyed.connect(partial(_disconnect_all, self._connections))
-        self.refresh_layers()
 
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
         layout.setContentsMargins(6, 6, 6, 6)
         form = QFormLayout()
-        self.layer_combo = QComboBox()
+        self.layer_combo = LayerPicker(self.viewer, Image, skip_tags=(OUTPUT_TAG,))
         self.layer_combo.setToolTip("The image to find the model's most uncertain places in")
         form.addRow("Image", self.layer_combo)
         self.method_combo = QComboBox()
@@ -119,12 +127,7 @@ class ReviewWidget(QWidget):
                 if isinstance(layer, Image) and not layer.metadata.get(OUTPUT_TAG, False)]
 
     def refresh_layers(self, event: Any = None) -> None:
-        current = self.layer_combo.currentText()
-        names = [layer.name for layer in self.image_layers()]
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
+        self.layer_combo.refresh()
 
     def select_layer(self, name: str) -> None:
         select_layer_in(self.layer_combo, name)

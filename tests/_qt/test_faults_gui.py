@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet._qt import finetune_widget as fw
 from napari_unet._qt.finetune_widget import FinetuneWidget
 from napari_unet._qt.segment_widget import SegmentWidget
 from napari_unet._qt.shared import model_holder
@@ -342,8 +341,12 @@ def test_viewer_closed_mid_fine_tune(make_napari_viewer, autosave_dir, qtbot, no
     viewer.close()
     # the run's own outcome, not widget.is_training: Qt may delete the closed dock before its
     # worker's finished callback resets that flag. Saved within 30 s of a 60-s budget: it stopped.
-    qtbot.waitUntil(lambda: bool(list(autosave_dir.glob("*.pt"))), timeout=30_000)
-    (checkpoint,) = autosave_dir.glob("*.pt")
+    # pathlib's glob also matches the hidden temporary file a save writes before its rename
+    def saved():
+        return [path for path in autosave_dir.glob("*.pt") if not path.name.startswith(".")]
+
+    qtbot.waitUntil(lambda: bool(saved()), timeout=30_000)
+    (checkpoint,) = saved()
     from napari_unet.checkpoint import load_checkpoint
 
     assert load_checkpoint(checkpoint).provenance["steps"] >= 1
@@ -365,7 +368,7 @@ def test_disk_full_during_autosave(viewer, finetune, qtbot, notifications, monke
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(fw, "save_corrections", disk_full)
+    monkeypatch.setattr("napari_unet.finetuning.save_corrections", disk_full)
     layer.paint((1, 40, 40), 0)
     finetune.autosave()  # what the debounce timer calls: in a worker
     qtbot.waitUntil(lambda: any("No space left on device" in m for m in notifications), timeout=10_000)

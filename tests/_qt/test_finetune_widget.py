@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from napari.utils.key_bindings import KeyBinding
 from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFileDialog
 
+from napari_unet import finetuning
+from napari_unet._qt import finetune_autosave, finetune_corrections, finetune_session_io
 from napari_unet._qt import finetune_widget as fw
 from napari_unet._qt.finetune_widget import FinetuneWidget
 from napari_unet._qt.shared import model_holder
@@ -29,9 +31,12 @@ def em():
 def messages(monkeypatch):
     """Every notification the widget shows, as (kind, text)."""
     shown: list[tuple[str, str]] = []
-    monkeypatch.setattr(fw, "notify_error", lambda exc, **kw: shown.append(("error", str(exc))))
-    monkeypatch.setattr(fw, "show_warning", lambda text: shown.append(("warning", text)))
-    monkeypatch.setattr(fw, "show_info", lambda text: shown.append(("info", text)))
+    for module in (fw, finetune_autosave, finetune_corrections, finetune_session_io):
+        for name, record in (("notify_error", lambda exc, **kw: shown.append(("error", str(exc)))),
+                             ("show_warning", lambda text: shown.append(("warning", text))),
+                             ("show_info", lambda text: shown.append(("info", text)))):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, record)
     return shown
 
 
@@ -268,7 +273,7 @@ def test_deleting_the_image_mid_run_stops_cleanly_with_a_message(make_napari_vie
 def test_out_of_memory_retries_once_with_half_the_batch(make_napari_viewer, em, qtbot, autosave_dir, messages, monkeypatch):
     from napari_unet.training import TrainingOutOfMemory
 
-    real = fw.build_finetune_trainer
+    real = finetuning.build_finetune_trainer
     batches = []
 
     def flaky(*args, **kwargs):
@@ -278,7 +283,7 @@ def test_out_of_memory_retries_once_with_half_the_batch(make_napari_viewer, em, 
             raise TrainingOutOfMemory("The cpu device ran out of memory.")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fw, "build_finetune_trainer", flaky)
+    monkeypatch.setattr(finetuning, "build_finetune_trainer", flaky)
     viewer, widget = open_viewer(make_napari_viewer, em)
     start_with_reviewed_slice(viewer, widget, qtbot, FinetuneSettings(**{**TINY.__dict__, "batch_size": 4, "steps": 2}))
     wait_for_training(qtbot, widget)
@@ -327,7 +332,7 @@ def test_the_preview_normalises_a_slice_as_training_and_segment_do():
     from napari_unet.inference import volume_statistics
 
     stats = volume_statistics(model, stack)
-    region, labels = fw._preview_prediction(model, run, stats)
+    region, labels = finetuning.preview_prediction(model, run, stats)
     assert region == run.preview_region
     expected = probabilities_to_labels(predict(model, stack, device="cpu"))[2]
     np.testing.assert_array_equal(labels, expected)
@@ -376,7 +381,7 @@ def test_the_form_defaults_are_the_benchmarked_defaults(make_napari_viewer, em, 
 
 
 def choose_folder(monkeypatch, folder):
-    monkeypatch.setattr(fw.QFileDialog, "getExistingDirectory", staticmethod(lambda *args, **kwargs: str(folder)))
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(lambda *args, **kwargs: str(folder)))
 
 
 def wait_for_session_job(qtbot, widget, timeout=30000):
