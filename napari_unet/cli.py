@@ -254,9 +254,8 @@ def _augment_ramp(args: argparse.Namespace) -> float | None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from . import devices, io
+    from . import devices, inference, io, segmentation
     from .checkpoint import load_checkpoint
-    from .inference import predict, probabilities_to_labels
 
     devices.resolve_device(args.device)
     ckpt = load_checkpoint(_require_file(args.model, "checkpoint"))
@@ -272,21 +271,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                        "convert it to grayscale first")
     options = dict(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device)
     progress = _tile_progress(enabled=not args.quiet)
-    make_instances = None
-    if instances_path is not None:
-        def make_instances(probabilities) -> None:
-            io.write_labels(instances_path, _instances(ckpt.model, probabilities, method, args.threshold))
+    spatial_dims = int(ckpt.model.spatial_dims)
     if output.suffix.lower() == ".zarr":
+        make_instances = None
+        if instances_path is not None:
+            def make_instances(probabilities) -> None:
+                io.write_labels(instances_path, segmentation.instances_from(
+                    probabilities, method, spatial_dims=spatial_dims, threshold=args.threshold))
         _predict_to_zarr(ckpt.model, image, output, probabilities_path, options, progress, args.threshold,
                          make_instances)
     else:
-        probabilities = predict(ckpt.model, image, progress=progress, **options)
+        probabilities = np.asarray(inference.predict(ckpt.model, image, progress=progress, **options))
         progress.close()
-        io.write_labels(output, probabilities_to_labels(probabilities, threshold=args.threshold))
+        # the same outputs as the Segment widget's (its foreground map aside: all classes are written)
+        result = segmentation.outputs_from_probabilities(
+            probabilities, spatial_dims=spatial_dims, threshold=args.threshold, instances=method,
+            foreground_probability=False,
+        )
+        io.write_labels(output, result.labels)
         if probabilities_path is not None:
             io.write_image(probabilities_path, np.asarray(probabilities, np.float32))
-        if make_instances is not None:
-            make_instances(probabilities)
+        if result.instances is not None:
+            io.write_labels(instances_path, result.instances)
     print(json.dumps({"output": str(output), "probabilities": str(probabilities_path) if probabilities_path else None,
                       "instances": str(instances_path) if instances_path else None,
                       "instances_method": method if instances_path else None}))
@@ -310,33 +316,22 @@ def _instances_request(args: argparse.Namespace) -> tuple[Path | None, str]:
     return path, args.instances or "watershed"
 
 
-def _instances(model, probabilities, method: str, threshold: float) -> np.ndarray:
-    """Instance ids from probabilities (in memory or zarr): a 2D model's stack slice by slice,
-    one slice read at a time (ids stay unique across the stack); a 3D model's volume whole."""
-    from .instances import instances_from_probabilities, instances_slice_by_slice
-
-    if int(model.spatial_dims) == 2 and len(probabilities.shape) == 4:
-        return instances_slice_by_slice(probabilities, method, threshold=threshold)
-    return instances_from_probabilities(np.asarray(probabilities[...]), method, threshold=threshold)
-
-
 def _predict_to_zarr(model, image, output: Path, probabilities_path, options, progress, threshold,
                      make_instances: Callable | None = None) -> None:
     """Stream probabilities into zarr (the requested file or a temporary one), then labels slab by slab
     (and instances, by ``make_instances(probabilities)``, before a temporary store is removed)."""
-    from . import io
-    from .inference import predict, probabilities_to_labels
+    from . import inference, io
 
     keep = probabilities_path is not None and probabilities_path.suffix.lower() == ".zarr"
     store = probabilities_path if keep else output.with_name(f".{output.name}.probabilities-{uuid.uuid4().hex[:6]}.zarr")
     try:
-        probabilities = predict(model, image, out=str(store), progress=progress, **options)
+        probabilities = inference.predict(model, image, out=str(store), progress=progress, **options)
         progress.close()
         labels = io.open_zarr_output(output, probabilities.shape[1:], np.uint8)
         slab = max(1, int(labels.chunks[0]))
         for start in range(0, probabilities.shape[1], slab):
             block = np.asarray(probabilities[:, start:start + slab])
-            labels[start:start + slab] = probabilities_to_labels(block, threshold=threshold)
+            labels[start:start + slab] = inference.probabilities_to_labels(block, threshold=threshold)
         if probabilities_path is not None and not keep:
             io.write_image(probabilities_path, np.asarray(probabilities[...], np.float32))
         if make_instances is not None:
