@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.augment:
-        training.AugmentConfig = functools.partial(training.AugmentConfig, **args.augment)
+        training.trainer.AugmentConfig = functools.partial(training.trainer.AugmentConfig, **args.augment)
     if args.adam_betas:
         adamw = torch.optim.AdamW
-        training.torch.optim.AdamW = lambda *a, **k: adamw(*a, betas=tuple(args.adam_betas), **k)
+        torch.optim.AdamW = lambda *a, **k: adamw(*a, betas=tuple(args.adam_betas), **k)
     images = io.read_image(args.data / "train-volume.tif")
     labels = io.read_labels(args.data / "train-labels.tif")
     config = cli.default_train_config(time_budget=900.0, device="cpu", seed=args.seed, **args.set)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                 trainer.stop()
         elif event.kind == "validation":
             validations.append([round(event.elapsed, 1), event.step, round(event.dice[MEMBRANE], 4),
-                                round(event.dice[CELL], 4), list(trainer._label_offset)])
+                                round(event.dice[CELL], 4), list(trainer.validator.label_offset)])
 
     trainer = training.Trainer(model, images[isbi.TRAIN_SLICES], labels[isbi.TRAIN_SLICES],
                                val_images=images[isbi.VAL_SLICES], val_labels=labels[isbi.VAL_SLICES],
