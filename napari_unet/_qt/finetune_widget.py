@@ -56,6 +56,10 @@ from napari_unet.finetuning import (
     finetuned_source,
 )
 
+# napari quits every running worker right after its window's close event, which would drop the run
+# before it saves: the close waits this long for a stopped run to end by itself (and save)
+CLOSE_WAIT_S = 20.0
+
 # the names the dock module has always offered
 __all__ = ["AutosaveTarget", "AutosaveWriter", "FinetuneWidget", "LayerPicker", "Notice", "TrainingRun"]
 
@@ -102,6 +106,9 @@ class FinetuneWidget(CorrectionsRecorder, AutosaveMixin, SessionIOMixin, Finetun
         viewer.bind_key(REVIEW_SHORTCUT, self._shortcut_mark_reviewed, overwrite=True)
         self._close_watcher: _CloseWatcher | None = None
         self._closed = False
+        # the viewer's main window, watched from the start: closing the viewer must stop a run even
+        # when this dock was never shown (a script, a test, a collapsed dock)
+        self._watch_window_close(getattr(getattr(viewer, "window", None), "_qt_window", None))
 
         self._on_image_changed()
         self._on_labels_changed()
@@ -355,7 +362,9 @@ class FinetuneWidget(CorrectionsRecorder, AutosaveMixin, SessionIOMixin, Finetun
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt API
         super().showEvent(event)
-        window = self.window()
+        self._watch_window_close(self.window())
+
+    def _watch_window_close(self, window) -> None:
         if self._close_watcher is None and window is not None and window is not self:
             self._close_watcher = _CloseWatcher(self._on_window_close, self)
             window.installEventFilter(self._close_watcher)
@@ -363,6 +372,10 @@ class FinetuneWidget(CorrectionsRecorder, AutosaveMixin, SessionIOMixin, Finetun
     def _on_window_close(self) -> None:
         if self.run is not None and self.is_training:
             self.finetune_session.stop("stopped because the viewer was closed")
+            deadline = time.monotonic() + CLOSE_WAIT_S
+            # the run ends at its next step; its events queue up for a window that is going away
+            while self.finetune_session.is_running and time.monotonic() < deadline:
+                time.sleep(0.02)
         self.flush_autosave()
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
