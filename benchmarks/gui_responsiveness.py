@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     slice_change_gaps = meter.stop() * 1000
     # Segment first: the whole stack with flip TTA, rerun (the first run builds the output layers)
     segment.select_layer("EM membranes")
-    for attempt in range(2):
+    for _attempt in range(2):
         meter.start()
         segment_started = time.perf_counter()
         segment.tta_check.setChecked(True)

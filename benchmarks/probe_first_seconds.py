@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_isbi as isbi  # noqa: E402  (the benchmark's split and class indices)
+
 from napari_unet import cli, io, training  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "first_seconds_probes.jsonl"

@@ -18,8 +18,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
 
     config = cli.default_train_config(
         time_budget=None if args.steps else args.time_budget, steps=args.steps, val_every=args.val_every,
-        loss_options=args.loss_options, border_weights=bool(args.border_weights), batch_size=args.batch_size, patch_size=args.patch_size,
+        loss_options=args.loss_options, border_weights=bool(args.border_weights),
+        batch_size=args.batch_size, patch_size=args.patch_size,
         learning_rate=args.lr, loss=args.loss, amp=args.amp, warmup_steps=args.warmup_steps,
         augment=not args.no_augment, seed=args.seed, device=args.device, ema_decay=args.ema_decay,
         weight_decay=args.weight_decay, fit_label_offset=not args.no_label_offset,

@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from napari_unet import cli, io  # noqa: E402
 from train_isbi import RESULTS, benchmark_parser, result_record, train_and_score  # noqa: E402
+
+from napari_unet import cli, io  # noqa: E402
 
 TRAIN_SLICES = slice(0, 72)
 VAL_SLICES = slice(72, 96)

@@ -189,7 +189,7 @@ def _readme(checkpoint: Checkpoint, name: str) -> str:
 def export_bioimageio(
     checkpoint: Checkpoint, output: str | os.PathLike, *, test_image: np.ndarray | None = None,
     name: str | None = None, description: str | None = None, authors: list[str] | None = None,
-    license: str = DEFAULT_LICENSE, tags: list[str] | None = None,  # noqa: A002 - the spec's word
+    license: str = DEFAULT_LICENSE, tags: list[str] | None = None,
 ) -> Path:
     """Write a bioimage.io model package (zip) for ``checkpoint`` at ``output``.
 
@@ -288,7 +288,7 @@ def export_bioimageio(
                 attachments=[spec.FileDescr(source=folder / CHECKPOINT_ATTACHMENT)],
                 config={"napari_unet": export_metadata(checkpoint)},
             )
-        except Exception as exc:  # noqa: BLE001 - the spec's validation error, in one sentence
+        except Exception as exc:
             raise ExportError(f"the bioimage.io description is not valid: {_first_error(exc)}") from exc
         with _atomic_target(path) as partial:
             try:

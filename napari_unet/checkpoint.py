@@ -82,8 +82,8 @@ def save_checkpoint(
     ``normalization``, ``class_names`` default to ``model.normalization`` / ``model.class_names`` when
     the model carries them (else the default spec and generic names). Provenance gains the save time,
     torch and napari-unet versions; name the training data under ``"data_paths"`` (list of str) and
-    the number of steps under ``"steps"`` so :func:`describe_checkpoint` can show them. All values must be plain data (numbers, strings, lists, dicts,
-    tensors); numpy values are converted.
+    the number of steps under ``"steps"`` so :func:`describe_checkpoint` can show them. All values must
+    be plain data (numbers, strings, lists, dicts, tensors); numpy values are converted.
     """
     path = Path(path).expanduser()
     model = _unwrap(model)
@@ -191,7 +191,7 @@ def _package_version() -> str:
 
 def _provenance(provenance: dict | None) -> dict:
     base = {
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "napari_unet_version": _package_version(),
     }
@@ -303,7 +303,7 @@ def _safe_torch_load(path: Path, map_location: Any) -> Any:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise for foreign files
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         if _pickle_imports_objects(path):
             raise CheckpointError(
                 f"checkpoint {path.name} contains Python objects that could run code; it was refused "
@@ -361,7 +361,7 @@ def _pickle_imports_objects(path: Path) -> bool:
     try:
         for opcode, _, _ in pickletools.genops(data):
             imports = imports or opcode.name in _CODE_OPCODES
-    except Exception:  # not a pickle at all (random bytes): genops stops at the first bad opcode
+    except Exception:  # noqa: BLE001 - not a pickle at all (random bytes): genops stops at the first bad opcode
         return False
     return imports
 

@@ -1,4 +1,4 @@
-"""The ``napari-unet`` command line: train, predict, evaluate, demo.
+"""The ``napari-unet`` command line: train, predict, evaluate, export, demo.
 
 Every subcommand has ``--help``. Errors print one line, ``napari-unet: error: ...``, to stderr and
 the command exits non-zero, without a traceback. napari is imported only by ``demo``.
@@ -12,8 +12,9 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -371,6 +372,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from . import export, io
+
+    suffix = {"torchscript": ".pt", "onnx": ".onnx", "bioimageio": ".zip"}[args.format]
+    output = Path(args.output)
+    if output.suffix.lower() != suffix:
+        raise CLIError(f"a {args.format} export is a {suffix} file; got --output {output}")
+    test_image = io.read_image(_require_file(args.test_image, "test image")) if args.test_image else None
+    fields = {key: value for key, value in (("name", args.name), ("authors", args.author),
+                                            ("license", args.license)) if value}
+    written = export.export_model(_require_file(args.model, "checkpoint"), output, args.format, opset=args.opset,
+                                  test_image=test_image, **fields)
+    print(f"wrote {written}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         from . import _demo
@@ -444,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = TrainConfig()
     parser = _Parser(prog=PROG, description="Segment EM stacks and volumes with UNet variants.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,export,demo}", parser_class=_Parser)
     sub.required = True
 
     train = sub.add_parser("train", help="train or fine-tune a model", description=(
@@ -454,23 +471,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labels", required=True, help="label file of the same size")
     train.add_argument("--model", default=DEFAULT_MODEL, help=f"model variant (default {DEFAULT_MODEL}): "
                        f"{', '.join(available_models())}")
-    train.add_argument("--width", type=_positive_int, default=DEFAULT_WIDTH, help=f"features at full resolution (default {DEFAULT_WIDTH})")
+    train.add_argument("--width", type=_positive_int, default=DEFAULT_WIDTH,
+                       help=f"features at full resolution (default {DEFAULT_WIDTH})")
     train.add_argument("--depth", type=_positive_int, default=DEFAULT_DEPTH, help=f"number of poolings (default {DEFAULT_DEPTH})")
-    train.add_argument("--init", metavar="CKPT", help="start from this checkpoint (fine-tuning); --model/--width/--depth are then ignored")
+    train.add_argument("--init", metavar="CKPT",
+                       help="start from this checkpoint (fine-tuning); --model/--width/--depth are then ignored")
     train.add_argument("--replay", type=_below_one, default=0.0, metavar="F",
                        help="with --init: draw this fraction of the patches from the data the checkpoint was "
                             "trained on (the files it names), so that it keeps what it knew (default 0: off)")
     train.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after this many seconds")
     train.add_argument("--steps", type=_positive_int, metavar="N", help="stop after N optimisation steps")
     train.add_argument("--val-fraction", type=_fraction, default=defaults.val_fraction, metavar="F",
-                       help=f"hold out this fraction of the slices (or a region) for validation (default {defaults.val_fraction})")
+                       help="hold out this fraction of the slices (or a region) for validation "
+                            f"(default {defaults.val_fraction})")
     train.add_argument("--val-images", help="separate validation images (instead of --val-fraction)")
     train.add_argument("--val-labels", help="labels of --val-images")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     train.add_argument("--output", required=True, metavar="CKPT", help="where to save the trained checkpoint (.pt)")
     train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
-    train.add_argument("--patch-size", type=_sides, default=None, help="patch side(s), e.g. 256 or 32,96,96 (default 192 in 2D, 32,96,96 in 3D)")
-    train.add_argument("--lr", type=_positive_float, default=defaults.learning_rate, help=f"peak learning rate (default {defaults.learning_rate})")
+    train.add_argument("--patch-size", type=_sides, default=None,
+                       help="patch side(s), e.g. 256 or 32,96,96 (default 192 in 2D, 32,96,96 in 3D)")
+    train.add_argument("--lr", type=_positive_float, default=defaults.learning_rate,
+                       help=f"peak learning rate (default {defaults.learning_rate})")
     train.add_argument("--loss", default=defaults.loss, help=f"loss (default {defaults.loss}): {', '.join(available_losses())}")
     train.add_argument("--dice-fade", type=_fade, default=defaults.dice_fade, metavar="F",
                        help=f"the loss's Dice term fades to 0 over this fraction of the budget, leaving cross-entropy "
@@ -482,8 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tta-candidates", type=_positive_int, default=defaults.tta_candidates, metavar="K",
                        help="keep the weights of the K best validations and, at the end, the best of them with "
                             f"8-view test-time augmentation (default {defaults.tta_candidates}; 1 = the best single view)")
-    train.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=defaults.schedule, help=f"learning-rate schedule (default {defaults.schedule})")
-    train.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp, help="mixed precision (default auto: on for CUDA)")
+    train.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=defaults.schedule,
+                       help=f"learning-rate schedule (default {defaults.schedule})")
+    train.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp,
+                       help="mixed precision (default auto: on for CUDA)")
     train.add_argument("--no-augment", action="store_true", help="train without augmentation")
     train.add_argument("--no-label-offset", action="store_true",
                        help="do not measure the sub-pixel offset of the labels from the image (see README)")
@@ -500,8 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--probabilities", metavar="PATH", help="also write the class probabilities (.tif or .zarr)")
     predict.add_argument("--tile", type=_sides, default=None, help="tile side(s) (default: fit the device memory)")
     predict.add_argument("--overlap", type=_fraction, default=0.25, help="tile overlap fraction (default 0.25)")
-    predict.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (in 2D also transposes: 8 views)")
-    predict.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for binary models, also the watershed's seed threshold (default 0.5)")
+    predict.add_argument("--tta", action="store_true",
+                         help="test-time augmentation: average over flips (in 2D also transposes: 8 views)")
+    predict.add_argument("--threshold", type=float, default=0.5,
+                         help="foreground threshold for binary models, also the watershed's seed threshold (default 0.5)")
     predict.add_argument("--instances", choices=("components", "watershed"), default=None,
                          help="also label one id per cell: components = connected regions of class 1 (a gap in a "
                               "membrane merges two cells); watershed = seeded watershed on the membrane probability "
@@ -520,6 +546,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", required=True, help="ground-truth class map (or 0/255 mask)")
     evaluate.add_argument("--volume", action="store_true", help="score 3D instances instead of per-slice ones")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    export = sub.add_parser("export", help="write a model for other tools (TorchScript, ONNX, bioimage.io)", description=(
+        "Export a checkpoint: a TorchScript (.pt) or ONNX (.onnx) graph from a normalised image to class "
+        "probabilities, every spatial side a multiple of 2**depth; or a bioimage.io model package (.zip) "
+        "that bioimage.io tools and napari-unet itself open. ONNX and bioimage.io need "
+        "pip install 'napari-unet[export]'."))
+    export.add_argument("--model", required=True, metavar="CKPT", help="trained checkpoint (.pt)")
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx", "bioimageio"))
+    export.add_argument("--output", required=True, metavar="PATH", help="file to write (.pt, .onnx or .zip)")
+    export.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18, the oldest written)")
+    export.add_argument("--test-image", metavar="PATH", help="bioimage.io: the image its test tensors are cut from "
+                        "(default: the checkpoint's training data, else the sample)")
+    export.add_argument("--name", help="bioimage.io: the model's name")
+    export.add_argument("--author", action="append", help="bioimage.io: an author (repeat for several; "
+                        "default: the checkpoint's, else your login name)")
+    export.add_argument("--license", help="bioimage.io: SPDX license id (default CC-BY-4.0)")
+    export.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="open napari with sample data and the widgets",
                           description="Open napari with sample data and the napari-unet widgets.")

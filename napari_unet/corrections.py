@@ -22,9 +22,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -123,7 +124,7 @@ class CorrectionState:
         self.reviewed_regions: list[Box] = []
         self.revision = 0
 
-    def copy(self) -> "CorrectionState":
+    def copy(self) -> CorrectionState:
         """An independent copy (a snapshot for a background save or a training run)."""
         other = CorrectionState(self.shape)
         other.painted = self.painted.copy()
@@ -327,7 +328,7 @@ class CorrectionState:
         return save_corrections(path, self, labels, **meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SavedCorrections":
+    def load(cls, path: str | Path) -> SavedCorrections:
         return load_corrections(path)
 
 
@@ -432,7 +433,7 @@ def save_corrections(
         "image_source": str(image_source or ""),
         "shape": list(state.shape),
         "margin": int(margin),
-        "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "saved_at": _dt.datetime.now(_dt.UTC).isoformat(),
     }
     regions = np.array(state.reviewed_regions, dtype=np.int64).reshape(-1, state.ndim, 2)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -877,5 +878,5 @@ def finetune_provenance(
         "reviewed_regions": [list(map(list, box)) for box in state.reviewed_regions],
         "steps": steps,
         "settings": settings.to_dict(),
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
     }

@@ -11,8 +11,8 @@ a float weight map (*spatial), 0 = ignore. The weight map travels with every pat
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -350,7 +350,9 @@ def _uniform(generator: torch.Generator, low: float, high: float, n: int) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def _elastic_grid(batch: int, span: Sequence[int], margin: int, cfg: AugmentConfig, generator: torch.Generator, device) -> torch.Tensor:
+def _elastic_grid(
+    batch: int, span: Sequence[int], margin: int, cfg: AugmentConfig, generator: torch.Generator, device
+) -> torch.Tensor:
     """Sampling grid (B, *patch, D) that crops the centre of a span-sized crop and deforms it.
 
     The displacement field is Gaussian noise on a coarse grid (UNet paper: 3x3, sigma 10 px),

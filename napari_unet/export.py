@@ -60,6 +60,24 @@ def probability_network(**config: Any) -> ProbabilityNetwork:
     return ProbabilityNetwork(build_model(**config))
 
 
+def checkpoint_for(model: nn.Module, checkpoint: Checkpoint | None = None) -> Checkpoint:
+    """``checkpoint`` when it holds ``model``, else one made from what the model carries (a fresh
+    or fine-tuned model in the viewer): its config, normalisation, class names and label offset."""
+    from .checkpoint import default_class_names, n_classes_of
+    from .io import DEFAULT_NORMALIZATION
+
+    if checkpoint is not None and checkpoint.model is model:
+        return checkpoint
+    config = dict(model.config)
+    return Checkpoint(
+        model=model, config=config,
+        normalization=dict(getattr(model, "normalization", None) or DEFAULT_NORMALIZATION),
+        class_names=list(getattr(model, "class_names", None) or default_class_names(n_classes_of(config))),
+        provenance=dict(checkpoint.provenance) if checkpoint is not None else {},
+        label_offset=tuple(getattr(model, "label_offset", ()) or ()),
+    )
+
+
 def size_multiple(model: nn.Module) -> int:
     """Every spatial side of an exported graph's input is a multiple of this."""
     return 2 ** int(model.depth)
@@ -163,7 +181,7 @@ def export_torchscript(checkpoint: Checkpoint, output: str | os.PathLike) -> Pat
     try:
         with torch.no_grad(), _quiet():
             traced = torch.jit.trace(network, example, check_trace=False)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is one plain sentence
+    except Exception as exc:
         raise ExportError(f"this model cannot be exported to TorchScript: {_first_line(exc)}") from exc
     second = _second_input(network.model)
     with torch.no_grad():
@@ -221,7 +239,7 @@ def export_onnx(checkpoint: Checkpoint, output: str | os.PathLike, *, opset: int
                 )
         except OSError as exc:
             raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - unsupported ops and exporter failures alike
+        except Exception as exc:
             raise ExportError(f"this model cannot be exported to ONNX: {_first_line(exc)}") from exc
         graph = onnx.load(str(partial))
         onnx.helper.set_model_props(graph, {"napari_unet": json.dumps(export_metadata(checkpoint))})
@@ -278,6 +296,6 @@ def export_model(
 
 __all__ = [
     "DEFAULT_OPSET", "EXPORT_FORMATS", "MIN_OPSET", "CheckpointError", "ExportError", "ProbabilityNetwork",
-    "check_output", "export_metadata", "export_model", "export_onnx", "export_torchscript",
+    "check_output", "checkpoint_for", "export_metadata", "export_model", "export_onnx", "export_torchscript",
     "load_torchscript_metadata", "onnx_available", "probability_network", "run_onnx", "size_multiple",
 ]

@@ -158,7 +158,9 @@ def instances_slice_by_slice(
         return None
     shape = tuple(int(s) for s in probabilities.shape[1:])
     if len(shape) != 3:
-        raise InstancesError(f"Labelling slice by slice needs (C, Z, Y, X) probabilities, not shape {tuple(probabilities.shape)}.")
+        raise InstancesError(
+            f"Labelling slice by slice needs (C, Z, Y, X) probabilities, not shape {tuple(probabilities.shape)}."
+        )
     per_slice = (
         instances_from_probabilities(np.asarray(probabilities[:, z]), method, threshold=threshold,
                                      foreground_class=foreground_class)

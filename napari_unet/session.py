@@ -133,7 +133,7 @@ def _lock(folder: Path) -> threading.RLock:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+    return _dt.datetime.now(_dt.UTC).isoformat()
 
 
 def _token() -> str:

@@ -82,7 +82,8 @@ class StallMeter:
     def summary(self) -> str:
         self._timer.stop()
         gaps = np.array(self.gaps[1:]) * 1000
-        return f"event-loop gaps: median {np.median(gaps):.0f} ms, 99th percentile {np.percentile(gaps, 99):.0f} ms, max {gaps.max():.0f} ms"
+        return (f"event-loop gaps: median {np.median(gaps):.0f} ms, 99th percentile {np.percentile(gaps, 99):.0f} ms, "
+                f"max {gaps.max():.0f} ms")
 
 
 def weak_start_model(image: np.ndarray, truth: np.ndarray):

@@ -11,8 +11,8 @@ import pytest
 
 from napari_unet import corrections
 from napari_unet.corrections import (
-    CorrectionState,
     CorrectionsError,
+    CorrectionState,
     FinetuneSettings,
     autosave_path_for,
     build_finetune_trainer,
@@ -22,8 +22,6 @@ from napari_unet.corrections import (
     save_corrections,
     training_arrays,
 )
-
-
 
 # -- recording -----------------------------------------------------------------------------------
 

@@ -7,12 +7,12 @@ import pytest
 
 from napari_unet import inference
 from napari_unet.instances import (
-    instances_slice_by_slice,
     METHODS,
     WATERSHED_DEFAULTS,
     InstancesError,
     component_instances,
     instances_from_probabilities,
+    instances_slice_by_slice,
     watershed_instances,
 )
 

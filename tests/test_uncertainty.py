@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -189,7 +188,7 @@ def test_default_entropy_is_one_pass_tta_is_eight():
     for method in ("entropy", "tta"):
         calls = []
         predict_with_uncertainty(RampModel(), stack, device="cpu", method=method, normalization=False,
-                                 batch_size=1, progress=lambda d, t: calls.append(t))
+                                 batch_size=1, progress=lambda d, t, calls=calls: calls.append(t))
         totals[method] = calls[-1]
     assert totals["tta"] == 8 * totals["entropy"]
 

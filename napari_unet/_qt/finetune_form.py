@@ -154,7 +154,8 @@ class FinetuneForm(QWidget):
             row.addWidget(button)
         layout.addLayout(row)
         form = QFormLayout()
-        self.review_depth = _tip(QSpinBox(minimum=1, maximum=512, value=1), "Slices marked at once: more than 1 marks a sub-volume (3D).")
+        self.review_depth = _tip(QSpinBox(minimum=1, maximum=512, value=1),
+                                 "Slices marked at once: more than 1 marks a sub-volume (3D).")
         self.margin_spin = _tip(
             QSpinBox(minimum=0, maximum=20, value=defaults.margin),
             "Grow painted strokes by this many pixels (napari records only the pixels a stroke changed).",
@@ -165,7 +166,8 @@ class FinetuneForm(QWidget):
         form.addRow(self.show_confirmed)
         folder_row = QHBoxLayout()
         self.autosave_folder = _tip(
-            QLineEdit(), "Where corrections are saved automatically. Empty: next to the image file, else " + str(default_autosave_folder())
+            QLineEdit(),
+            "Where corrections are saved automatically. Empty: next to the image file, else " + str(default_autosave_folder()),
         )
         self.autosave_folder.setPlaceholderText("next to the image")
         self.autosave_browse = _browse_button()
@@ -208,7 +210,8 @@ class FinetuneForm(QWidget):
         fresh = FreshModel()
         self.variant = _tip(QComboBox(), "The UNet variant of a fresh model (2D for images and stacks, 3D for volumes).")
         self.variant.addItems(self._model_names())
-        self.width_spin = _tip(QSpinBox(minimum=2, maximum=128, value=fresh.width), "Channels of the first level; doubles at each level.")
+        self.width_spin = _tip(QSpinBox(minimum=2, maximum=128, value=fresh.width),
+                               "Channels of the first level; doubles at each level.")
         self.depth_spin = _tip(QSpinBox(minimum=1, maximum=6, value=fresh.depth), "Number of down-sampling levels.")
         size_row = QHBoxLayout()
         size_row.addWidget(QLabel("width"))
@@ -232,9 +235,11 @@ class FinetuneForm(QWidget):
             QSpinBox(minimum=0, maximum=24 * 3600, value=int(defaults.time_budget or 0), suffix=" s"),
             "Stop after this long (0: no time limit, use the step limit).",
         )
-        self.steps_spin = _tip(QSpinBox(minimum=0, maximum=10**7, value=defaults.steps or 0), "Stop after this many steps (0: no step limit).")
+        self.steps_spin = _tip(QSpinBox(minimum=0, maximum=10**7, value=defaults.steps or 0),
+                               "Stop after this many steps (0: no step limit).")
         self.steps_spin.setSpecialValueText("no limit")
-        self.patch_spin = _tip(QSpinBox(minimum=0, maximum=2048, singleStep=16, value=0), "Edge of the training patches (0: automatic).")
+        self.patch_spin = _tip(QSpinBox(minimum=0, maximum=2048, singleStep=16, value=0),
+                               "Edge of the training patches (0: automatic).")
         self.patch_spin.setSpecialValueText("auto")
         self.batch_spin = _tip(QSpinBox(minimum=0, maximum=512, value=0), "Patches per step (0: automatic).")
         self.batch_spin.setSpecialValueText("auto")
@@ -248,7 +253,8 @@ class FinetuneForm(QWidget):
         for key in self._loss_names():
             self.loss_combo.addItem(LOSS_NAMES.get(key, key), key)
         self.loss_combo.setCurrentIndex(max(0, self.loss_combo.findData(defaults.loss)))
-        self.augment_check = _tip(QCheckBox("Augmentation"), "Random flips, rotations, elastic deformations and intensity changes.")
+        self.augment_check = _tip(QCheckBox("Augmentation"),
+                                  "Random flips, rotations, elastic deformations and intensity changes.")
         self.augment_check.setChecked(defaults.augment)
         self.balance_check = _tip(
             QCheckBox("Balance classes"),
@@ -272,7 +278,8 @@ class FinetuneForm(QWidget):
             QDoubleSpinBox(decimals=2, minimum=0.0, maximum=0.5, singleStep=0.05, value=defaults.val_fraction),
             "Share of the confirmed data held out to measure Dice (0: no validation).",
         )
-        self.val_every_spin = _tip(QSpinBox(minimum=0, maximum=10**6, value=defaults.val_every or 0), "Measure validation Dice every this many steps (0: automatic).")
+        self.val_every_spin = _tip(QSpinBox(minimum=0, maximum=10**6, value=defaults.val_every or 0),
+                                   "Measure validation Dice every this many steps (0: automatic).")
         self.val_every_spin.setSpecialValueText("auto")
         self.device_combo = _tip(QComboBox(), "Where to train: auto picks a GPU when there is one.")
         for spec, label in self._device_choices():
@@ -303,7 +310,8 @@ class FinetuneForm(QWidget):
         row.addWidget(self.checkpoint_out)
         row.addWidget(browse)
         form.addRow("Save model to", row)
-        self.rerun_check = _tip(QCheckBox("Re-run Segment on the whole image afterwards"), "Predict the whole image with the new weights.")
+        self.rerun_check = _tip(QCheckBox("Re-run Segment on the whole image afterwards"),
+                                "Predict the whole image with the new weights.")
         form.addRow(self.rerun_check)
         return box
 

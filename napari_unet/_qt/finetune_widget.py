@@ -360,7 +360,7 @@ class FinetuneWidget(CorrectionsRecorder, AutosaveMixin, SessionIOMixin, Finetun
 
     # -- closing -------------------------------------------------------------------------------
 
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+    def showEvent(self, event) -> None:
         super().showEvent(event)
         self._watch_window_close(self.window())
 
@@ -378,7 +378,7 @@ class FinetuneWidget(CorrectionsRecorder, AutosaveMixin, SessionIOMixin, Finetun
                 time.sleep(0.02)
         self.flush_autosave()
 
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+    def closeEvent(self, event) -> None:
         self.shutdown()
         super().closeEvent(event)
 
@@ -410,7 +410,7 @@ class _CloseWatcher(QObject):
         super().__init__(parent)
         self._callback = callback
 
-    def eventFilter(self, watched, event):  # noqa: N802 - Qt API
+    def eventFilter(self, watched, event):
         if event.type() == QEvent.Close:
             self._callback()
         return False

@@ -118,7 +118,7 @@ class SegmentForm:
         self.fresh_radio = QRadioButton("New model")
         self.fresh_radio.setToolTip("Build a fresh (untrained) variant; fine-tune it afterwards")
         self.checkpoint_radio = QRadioButton("Checkpoint file")
-        self.checkpoint_radio.setToolTip("Load a trained model saved by napari-unet (.pt)")
+        self.checkpoint_radio.setToolTip("Load a trained model saved by napari-unet (.pt, or a bioimage.io .zip it exported)")
         self.source_group = QButtonGroup(group)
         self.source_group.addButton(self.fresh_radio)
         self.source_group.addButton(self.checkpoint_radio)
@@ -139,6 +139,12 @@ class SegmentForm:
         self.summary_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.summary_label.setToolTip("The model the Run button uses (shared with Fine-tune)")
         box.addWidget(self.summary_label)
+        self.export_button = QPushButton("Export model…")
+        self.export_button.setToolTip(
+            "Save this model for other tools or a colleague: a bioimage.io package (.zip), ONNX (.onnx) "
+            "or TorchScript (.pt)"
+        )
+        box.addWidget(self.export_button)
         return group
 
     def _fresh_page(self) -> QWidget:
@@ -164,7 +170,7 @@ class SegmentForm:
         row = QHBoxLayout(page)
         row.setContentsMargins(0, 0, 0, 0)
         self.checkpoint_edit = QLineEdit()
-        self.checkpoint_edit.setPlaceholderText("path to a .pt checkpoint")
+        self.checkpoint_edit.setPlaceholderText("path to a .pt checkpoint or an exported .zip")
         self.browse_button = QPushButton("Browse…")
         self.load_button = QPushButton("Load")
         self.load_button.setToolTip("Load the checkpoint; it replaces the current model")
@@ -199,7 +205,9 @@ class SegmentForm:
         self.threshold_spin = _double_spin(0.05, 0.95, 0.5, 0.05, "Foreground probability cut-off")
         form.addRow("Threshold", self.threshold_spin)
         self.tta_check = QCheckBox("Test-time flips")
-        self.tta_check.setToolTip("Average the predictions of flipped (in 2D also transposed) copies: 8 views, smoother, 8x slower")
+        self.tta_check.setToolTip(
+            "Average the predictions of flipped (in 2D also transposed) copies: 8 views, smoother, 8x slower"
+        )
         form.addRow(self.tta_check)
         self.instances_combo = QComboBox()
         for method, tip in INSTANCE_METHODS.items():

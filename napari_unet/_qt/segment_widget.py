@@ -25,6 +25,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QWidget
 
 from napari_unet import segmentation
+from napari_unet._qt.segment_export import ExportMixin
 from napari_unet._qt.segment_form import CHECKPOINT, FRESH, SegmentForm
 from napari_unet._qt.segment_layers import OUTPUT_TAG, show_result
 from napari_unet._qt.shared import (
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["SegmentRequest", "SegmentResult", "SegmentWidget", "segment"]
 
 
-class SegmentWidget(SegmentForm, QWidget):
+class SegmentWidget(ExportMixin, SegmentForm, QWidget):
     """Dock widget that segments an image layer with the viewer's shared UNet."""
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
@@ -83,6 +84,7 @@ class SegmentWidget(SegmentForm, QWidget):
         self.load_button.clicked.connect(lambda: self.load_checkpoint())
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.export_button.clicked.connect(lambda: self.export_model())
 
     # ------------------------------------------------------------------------------ layers
 
@@ -329,6 +331,7 @@ class SegmentWidget(SegmentForm, QWidget):
     def _set_running(self, running: bool, text: str = "") -> None:
         self.run_button.setEnabled(not running)
         self.load_button.setEnabled(not running)
+        self.export_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         if text:
             self.status_label.setText(text)
