@@ -24,6 +24,21 @@ class SegmentationModel(nn.Module):
     depth: int
     config: dict[str, str | int | float | bool]
 
+    def _record(self, *, name: str, spatial_dims: int, in_channels: int, out_channels: int, width: int,
+                depth: int, norm: str, dropout: float, bilinear: bool, **own: bool | int) -> None:
+        """Set the attributes every variant has and ``config`` (the shared options, then ``own``)."""
+        self.name = name
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.width = width
+        self.depth = depth
+        self.config = {
+            "name": name, "in_channels": in_channels, "out_channels": out_channels,
+            "width": width, "depth": depth, "norm": norm, "dropout": float(dropout),
+            "bilinear": bool(bilinear), **own,
+        }
+
     def _check_input(self, x: torch.Tensor) -> None:
         expected_ndim = self.spatial_dims + 2
         if x.dim() != expected_ndim:

@@ -26,17 +26,8 @@ class UNet(SegmentationModel):
         bilinear: bool = True, block: ConvBlock = DoubleConv, attention: bool = False,
     ) -> None:
         super().__init__()
-        self.name = name
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.width = width
-        self.depth = depth
-        self.config: dict[str, str | int | float | bool] = {
-            "name": name, "in_channels": in_channels, "out_channels": out_channels,
-            "width": width, "depth": depth, "norm": norm, "dropout": float(dropout),
-            "bilinear": bool(bilinear),
-        }
+        self._record(name=name, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                     width=width, depth=depth, norm=norm, dropout=dropout, bilinear=bilinear)
 
         layer = {"spatial_dims": spatial_dims, "norm": norm}
         channels = [width * 2**level for level in range(depth + 1)]

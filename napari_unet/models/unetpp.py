@@ -38,18 +38,10 @@ class UNetPlusPlus(SegmentationModel):
         bilinear: bool = True, deep_supervision: bool = False,
     ) -> None:
         super().__init__()
-        self.name = name
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.width = width
-        self.depth = depth
+        self._record(name=name, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                     width=width, depth=depth, norm=norm, dropout=dropout, bilinear=bilinear,
+                     deep_supervision=bool(deep_supervision))
         self.deep_supervision = deep_supervision
-        self.config = {
-            "name": name, "in_channels": in_channels, "out_channels": out_channels,
-            "width": width, "depth": depth, "norm": norm, "dropout": float(dropout),
-            "bilinear": bool(bilinear), "deep_supervision": bool(deep_supervision),
-        }
 
         layer = {"spatial_dims": spatial_dims, "norm": norm}
         channels = [width * 2**level for level in range(depth + 1)]
