@@ -50,19 +50,30 @@ def benchmark_parser(description: str, data: Path, name: str) -> argparse.Argume
     parser.add_argument("--data", type=Path, default=data)
     parser.add_argument("--name", default=name, help=f"result file stem (default {name})")
     parser.add_argument("--model", default=cli.DEFAULT_MODEL)
-    parser.add_argument("--width", type=int, default=cli.DEFAULT_WIDTH)
+    parser.add_argument("--width", type=int, default=None, help="default: the device's recipe (as the CLI)")
     parser.add_argument("--depth", type=int, default=cli.DEFAULT_DEPTH)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--loss", default=defaults.loss)
     return parser
 
 
+def apply_recipe(args: argparse.Namespace, spatial_dims: int) -> None:
+    """Width, batch and patch not given: the training device's recipe, as `napari-unet train` picks them."""
+    from napari_unet import devices
+    from napari_unet.training.recipe import recipe_for
+
+    recipe = recipe_for(devices.resolve_device(args.device), spatial_dims)
+    args.width = args.width or recipe.width
+    args.batch_size = args.batch_size or recipe.batch_size
+    args.patch_size = args.patch_size or recipe.patch_size
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = cli.default_train_config()
     parser = benchmark_parser(__doc__, REPO.parent / "shared" / "data" / "isbi2012", "isbi")
     # experiment overrides; the defaults are the CLI's
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the device's recipe")
+    parser.add_argument("--patch-size", type=int, default=None, help="default: the device's recipe")
     parser.add_argument("--amp", default=defaults.amp)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--no-augment", action="store_true")
@@ -195,6 +206,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_recipe(args, spatial_dims=2)
     images = io.read_image(args.data / "train-volume.tif")
     labels = io.read_labels(args.data / "train-labels.tif")
     train_images, train_labels = images[TRAIN_SLICES], labels[TRAIN_SLICES]

@@ -118,10 +118,12 @@ def train_model(
     val_labels=None,
     on_event: Callable | None = None,
     replay: tuple | None = None,
+    process_group=None,
 ):
     """Train `model` with the engine's Trainer; returns the trainer (model holds the best weights).
 
     ``replay``: (images, labels) the model learnt before, mixed in at ``config.replay_share``.
+    ``process_group``: this rank under torchrun (``training.distributed``), None in one process.
     """
     from .training import Trainer
 
@@ -129,6 +131,7 @@ def train_model(
         model, images, labels, weights, val_images=val_images, val_labels=val_labels,
         config=config, callbacks=[on_event] if on_event else (),
         replay_images=None if replay is None else replay[0], replay_labels=None if replay is None else replay[1],
+        process_group=process_group,
     )
     trainer.fit()
     return trainer
@@ -172,10 +175,33 @@ class _ProgressBar:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import devices, io
+    """`train`; under torchrun (WORLD_SIZE > 1) one data-parallel rank of it."""
+    from . import devices
+    from .training import distributed
+
+    device = devices.resolve_device(args.device)  # a bad device fails before anything is read
+    group = distributed.from_environment()
+    if group is None:
+        return _train(args, None, args.device)
+    device = distributed.device_for(group, device)
+    backend = distributed.start(group, device)
+    finished = False
+    try:
+        if not group.is_main:
+            args.quiet = True
+        elif not args.quiet:
+            print(f"{PROG}: data-parallel training on {group.world_size} processes ({backend})", file=sys.stderr)
+        code = _train(args, group, str(device))
+        finished = True
+        return code
+    finally:
+        distributed.stop(finished)
+
+
+def _train(args: argparse.Namespace, group, device: str) -> int:
+    from . import io
     from .training import TrainConfig
 
-    devices.resolve_device(args.device)  # a bad device fails before anything is read
     output = check_writable(args.output)
     image = np.asarray(io.read_image(_require_file(args.images, "images")))
     io.check_image(image, name=f"image {Path(args.images).name}")
@@ -189,11 +215,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         spatial_dims = 3 if args.model.endswith("3d") else 2
     in_channels = split_channels(image, labels, spatial_dims)
+    width, batch_size, patch_size = _device_recipe(args, device, spatial_dims, fine_tuning=init is not None)
     n_classes = max(2, int(labels.max()) + 1)
     if not args.replay and int(labels.min()) == int(labels.max()):
         raise CLIError(f"every pixel of {Path(args.labels).name} is class {int(labels.max())}; training needs at least "
                        "two classes (e.g. background 0 and foreground 1)")
-    model = build_or_load_model(args.model, width=args.width, depth=args.depth, in_channels=in_channels,
+    model = build_or_load_model(args.model, width=width, depth=args.depth, in_channels=in_channels,
                                 n_classes=n_classes, init=init, seed=args.seed)
     val_images = val_labels = None
     if args.val_images or args.val_labels:
@@ -205,9 +232,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.steps is None and args.time_budget is None:
         raise CLIError("give a training budget: --time-budget SECONDS and/or --steps N")
     config = TrainConfig(
-        patch_size=args.patch_size, batch_size=args.batch_size, learning_rate=args.lr,
+        patch_size=patch_size, batch_size=batch_size, learning_rate=args.lr,
         steps=args.steps, time_budget=args.time_budget, loss=args.loss, augment=not args.no_augment,
-        schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=args.device,
+        schedule=args.schedule, val_fraction=args.val_fraction, amp=args.amp, device=device,
         seed=args.seed, fit_label_offset=not args.no_label_offset, dice_fade=args.dice_fade or None,
         augment_ramp=_augment_ramp(args), tta_candidates=args.tta_candidates,
         replay_share=args.replay or 0.0,
@@ -215,19 +242,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     replay, replayed = _replay_data(args, init)
     progress = _ProgressBar(config, enabled=not args.quiet)
     trainer = train_model(model, image, labels, config=config, val_images=val_images, val_labels=val_labels,
-                          on_event=progress, replay=replay)
+                          on_event=progress, replay=replay, process_group=group)
+    if group is not None and not group.is_main:
+        return 0  # rank 0 saves and reports
     provenance = {
         "data_paths": [str(Path(args.images).resolve()), str(Path(args.labels).resolve())],
         "command": "train",
         **({"replayed": [str(p) for p in replayed]} if replayed else {}),
+        **({"data_parallel_processes": group.world_size} if group is not None else {}),
     }
     trainer.save(output, provenance=provenance)
     best = trainer.history.get("best_val_dice")
     summary = {"output": str(output), "steps": trainer.step,
                "seconds": round(trainer.history["elapsed"][-1], 1) if trainer.history["elapsed"] else 0.0,
                "best_val_dice_per_class": best, "label_offset": list(trainer.history.get("label_offset") or [])}
+    if group is not None:
+        summary["processes"] = group.world_size
+        summary["identical_weights_across_processes"] = trainer.history["replicas"]["identical_weights"]
     print(json.dumps(summary))
     return 0
+
+
+def _device_recipe(args: argparse.Namespace, device: str, spatial_dims: int,
+                   fine_tuning: bool = False) -> tuple[int, int, Any]:
+    """Width, batch and patch: the ones given, else the device's recipe (training/recipe.py).
+    A model to fine-tune keeps its own width."""
+    from . import devices
+    from .training.recipe import recipe_for
+
+    recipe = recipe_for(devices.resolve_device(device), spatial_dims)
+    chosen = (args.width or recipe.width, args.batch_size or recipe.batch_size, args.patch_size or recipe.patch_size)
+    if not args.quiet and None in (args.width, args.batch_size, args.patch_size):
+        patch = chosen[2] if isinstance(chosen[2], int) else "x".join(map(str, chosen[2]))
+        width = "" if fine_tuning else f"width {chosen[0]}, "
+        print(f"{PROG}: {recipe.why}: {width}batch {chosen[1]}, patch {patch} "
+              "(--width, --batch-size and --patch-size change them)", file=sys.stderr)
+    return chosen
 
 
 def _replay_data(args: argparse.Namespace, init) -> tuple[tuple | None, tuple | None]:
@@ -273,7 +323,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     options = dict(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device)
     progress = _tile_progress(enabled=not args.quiet)
     spatial_dims = int(ckpt.model.spatial_dims)
-    if output.suffix.lower() == ".zarr":
+    if args.scheduler is not None:
+        _predict_on_cluster(args, image, output, probabilities_path, instances_path, method, spatial_dims)
+    elif output.suffix.lower() == ".zarr":
         make_instances = None
         if instances_path is not None:
             def make_instances(probabilities) -> None:
@@ -298,6 +350,55 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       "instances": str(instances_path) if instances_path else None,
                       "instances_method": method if instances_path else None}))
     return 0
+
+
+def _predict_on_cluster(args: argparse.Namespace, image, output: Path, probabilities_path: Path | None,
+                        instances_path: Path | None, method: str, spatial_dims: int) -> None:
+    """--scheduler: predict on a dask.distributed cluster; the workers write the zarr outputs' chunks."""
+    import dask.array as da
+
+    from . import io, segmentation
+    from .inference import distributed
+
+    for path, option in ((output, "--output"), (probabilities_path, "--probabilities")):
+        if path is not None and path.suffix.lower() != ".zarr":
+            raise CLIError(f"with --scheduler every worker writes its own chunks of {option}: give a .zarr path, "
+                           f"not {path.name}")
+    from .io.readers import _is_zarr_path
+
+    if not _is_zarr_path(Path(args.images)):
+        # workers read zarr themselves; other files are read here and sent to them with the graph
+        image = da.from_array(np.asarray(image))
+    store = probabilities_path
+    if store is None and instances_path is not None:  # the watershed reads them afterwards
+        store = output.with_name(f".{output.name}.probabilities-{uuid.uuid4().hex[:6]}.zarr")
+    try:
+        with distributed.connect(args.scheduler) as client:
+            workers = len(client.scheduler_info().get("workers", {}))
+            if not args.quiet:
+                print(f"{PROG}: predicting on {workers} dask worker(s) at {client.scheduler.address}", file=sys.stderr)
+            probabilities = distributed.predict_on_cluster(
+                client, args.model, image, tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device)
+            labels = distributed.labels_from(probabilities, args.threshold)
+            sources = [labels]
+            targets = [io.open_zarr_output(output, labels.shape, np.uint8, chunks=distributed.zarr_chunks(labels))]
+            if store is not None:
+                sources.append(probabilities)
+                targets.append(io.open_zarr_output(store, probabilities.shape, np.float32,
+                                                   chunks=distributed.zarr_chunks(probabilities)))
+            futures = client.compute(da.store(sources, targets, lock=False, compute=False))
+            if not args.quiet:
+                from distributed import progress
+
+                progress(futures)
+                print(file=sys.stderr)
+            client.gather(futures)  # raises a worker's error here
+        if instances_path is not None:
+            io.write_labels(instances_path, segmentation.instances_from(
+                targets[1], method, spatial_dims=spatial_dims, threshold=args.threshold))
+    finally:
+        if store is not None and store != probabilities_path and Path(store).exists():
+            shutil.rmtree(store, ignore_errors=True)
 
 
 def _instances_request(args: argparse.Namespace) -> tuple[Path | None, str]:
@@ -471,8 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labels", required=True, help="label file of the same size")
     train.add_argument("--model", default=DEFAULT_MODEL, help=f"model variant (default {DEFAULT_MODEL}): "
                        f"{', '.join(available_models())}")
-    train.add_argument("--width", type=_positive_int, default=DEFAULT_WIDTH,
-                       help=f"features at full resolution (default {DEFAULT_WIDTH})")
+    train.add_argument("--width", type=_positive_int, default=None,
+                       help=f"features at full resolution (default: the device's recipe; {DEFAULT_WIDTH} on a CPU "
+                            "in 2D, 8 in 3D; 32 in 2D and 16 in 3D on a GPU)")
     train.add_argument("--depth", type=_positive_int, default=DEFAULT_DEPTH, help=f"number of poolings (default {DEFAULT_DEPTH})")
     train.add_argument("--init", metavar="CKPT",
                        help="start from this checkpoint (fine-tuning); --model/--width/--depth are then ignored")
@@ -488,9 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-labels", help="labels of --val-images")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     train.add_argument("--output", required=True, metavar="CKPT", help="where to save the trained checkpoint (.pt)")
-    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
+    train.add_argument("--batch-size", type=_positive_int, default=None,
+                       help=f"patches per step (default: the device's recipe; {defaults.batch_size} on a CPU in 2D, "
+                            "2 in 3D; 16 and 4 on a GPU with 12 GiB free, half that on smaller ones)")
     train.add_argument("--patch-size", type=_sides, default=None,
-                       help="patch side(s), e.g. 256 or 32,96,96 (default 192 in 2D, 32,96,96 in 3D)")
+                       help="patch side(s), e.g. 256 or 32,96,96 (default: the device's recipe; 192 in 2D and "
+                            "32,96,96 in 3D on a CPU, 256 and 64,128,128 on a GPU with 12 GiB free)")
     train.add_argument("--lr", type=_positive_float, default=defaults.learning_rate,
                        help=f"peak learning rate (default {defaults.learning_rate})")
     train.add_argument("--loss", default=defaults.loss, help=f"loss (default {defaults.loss}): {', '.join(available_losses())}")
@@ -536,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--instances-output", metavar="PATH",
                          help="where to write the instance labels (.tif, .zarr or .npy)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    predict.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                         help="predict on a dask.distributed cluster: local:N starts N worker processes here, "
+                              "tcp://host:8786 uses a running scheduler (workers must see the same paths). "
+                              "Outputs must be .zarr: each worker writes its own chunks. "
+                              "Needs pip install 'napari-unet[distributed]'")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_cmd_predict)
 

@@ -53,6 +53,10 @@ class Sample:
         """The part of this sample at ``part`` of its first spatial axis (views, no copies)."""
         return Sample(self.image[:, part], self.labels[part], self.weights[part])
 
+    def crop(self, box: tuple[slice, ...]) -> Sample:
+        """The part of this sample inside ``box`` (one slice per spatial axis; views, no copies)."""
+        return Sample(self.image[(slice(None), *box)], self.labels[box], self.weights[box])
+
 
 @dataclass
 class AugmentConfig:

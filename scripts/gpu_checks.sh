@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks in one run: the `gpu`-marked tests, the engine's whole test suite with a GPU
-# present (device "auto" then means CUDA), and benchmarks/bench_gpu.py. Logs and gpu.json go to
-# ${OUT:-gpu-checks}/. Qt tests are left to the CPU CI (they need napari and a display).
-#   bash scripts/gpu_checks.sh [ISBI_FOLDER]        (ENGINE_TESTS=0: only the gpu tests and the benchmark)
+# The GPU checks in one run: the `gpu`-marked tests (the GPU training recipe, DDP device choice,
+# ...), the engine's whole test suite with a GPU present (device "auto" then means CUDA; off by
+# default: ENGINE_TESTS=1 runs it), and benchmarks/bench_gpu.py, whose ISBI part trains the GPU
+# recipe for 300 s (target: pixel error <= 0.062 on slices 20-23). About 10 minutes in all.
+# Logs and gpu.json go to ${OUT:-gpu-checks}/. Qt tests are left to the CPU CI.
+#   bash scripts/gpu_checks.sh [ISBI_FOLDER]
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-checks}
@@ -21,9 +23,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 status=0
 timeout 240 $PY -m pytest tests --ignore=tests/_qt -m gpu -v -rs 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" || status=1
-if [ "${ENGINE_TESTS:-1}" != 0 ]; then  # ENGINE_TESTS=0 skips the whole engine suite (short device budgets)
+if [ "${ENGINE_TESTS:-0}" != 0 ]; then  # the whole engine suite does not fit a 15-minute device budget beside the rest
     timeout 240 $PY -m pytest tests --ignore=tests/_qt -q -n 8 2>&1 | tee "$OUT/engine_tests.log" | tail -25 || status=1
 fi
 ISBI=${1:-}
-timeout 400 $PY benchmarks/bench_gpu.py --compile --output "$OUT/gpu.json" ${ISBI:+--isbi "$ISBI"} 2>&1 | tee "$OUT/bench_gpu.log" || status=1
+timeout 480 $PY benchmarks/bench_gpu.py --compile --output "$OUT/gpu.json" ${ISBI:+--isbi "$ISBI"} 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 exit $status

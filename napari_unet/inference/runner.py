@@ -44,10 +44,6 @@ class DeviceFallbackWarning(RuntimeWarning):
     """The accelerator ran out of memory even with the smallest tile, so the CPU was used."""
 
 
-def _channels_last(spatial_dims: int) -> torch.memory_format:
-    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-
-
 # original model -> (its weights' identity and versions, its lean copy): a rerun with unchanged
 # weights reuses the copy; a weak key, so a dropped model takes its copy along
 _LEAN_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -80,7 +76,7 @@ def _prepare_model(model: nn.Module, device: torch.device) -> None:
     Its convolution weights are stored channels-last, the layout oneDNN and cuDNN run fastest
     (about 1.5x on a CPU); results and training are unaffected.
     """
-    model.to(device=device, memory_format=_channels_last(model.spatial_dims))
+    model.to(device=device, memory_format=devices.channels_last_format(model.spatial_dims))
     model.eval()
 
 
@@ -108,7 +104,7 @@ def _cpu_bf16_is_faster(model: nn.Module) -> bool:
         # small, so the probe costs about a tenth of a second (more on a busy machine)
         sides = (96, 96) if model.spatial_dims == 2 else (16, 32, 32)
         shape = (1, int(model.in_channels), *(_round_up(side, multiple) for side in sides))
-        inputs = torch.randn(shape).contiguous(memory_format=_channels_last(model.spatial_dims))
+        inputs = torch.randn(shape).contiguous(memory_format=devices.channels_last_format(model.spatial_dims))
 
         def run_once(bf16: bool) -> float:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -151,7 +147,7 @@ def _run_batch(model: nn.Module, inputs: np.ndarray, device: torch.device,
     This is the one place that touches the device, so tests replace it to fake device errors.
     """
     views = _tta_views(model.spatial_dims) if tta else [(False, ())]
-    memory_format = _channels_last(model.spatial_dims)
+    memory_format = devices.channels_last_format(model.spatial_dims)
     with torch.inference_mode():
         batch = torch.from_numpy(np.ascontiguousarray(inputs)).to(device, non_blocking=True)
         batch = batch.contiguous(memory_format=memory_format)

@@ -18,7 +18,8 @@ class OptimisationStep:
     """The tools of one run's steps; calling it takes a step and returns the batch's loss.
 
     ``scaler`` scales the fp16 loss on CUDA (None otherwise); ``memory_format`` is channels-last
-    for 2D models (None = as the batch comes); ``averaged`` follows the weights after each update.
+    (None = as the batch comes); ``averaged`` follows the weights after each update. ``model`` may
+    be a DistributedDataParallel wrapper of ``module`` (the model itself, which the average follows).
     """
 
     model: nn.Module
@@ -29,6 +30,7 @@ class OptimisationStep:
     scaler: torch.amp.GradScaler | None
     memory_format: torch.memory_format | None
     averaged: WeightAverage
+    module: nn.Module | None = None
 
     def __call__(self, batch_size: int, generator: torch.Generator) -> float:
         images, labels, weights = self.sampler.sample(batch_size, generator)
@@ -45,5 +47,5 @@ class OptimisationStep:
         else:
             loss.backward()
             self.optimizer.step()
-        self.averaged.update(self.model)
+        self.averaged.update(self.module if self.module is not None else self.model)
         return float(loss.detach())

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import devices, label_offset, losses
 from ..data import AugmentConfig, PatchSampler, Sample
+from . import distributed
 from .averaging import WeightAverage, state_copy
 from .config import (
     TrainConfig,
@@ -69,14 +70,19 @@ class Trainer:
     normalization: the spec, and maybe fixed statistics (see :class:`~.samples.TrainingData`).
     replay_*: data the model learnt before (rehearsal); ``config.replay_share`` of the patches
     come from them. preview_fn(model) is called every preview_interval s in eval mode.
+    process_group: this process's rank among data-parallel training processes (``distributed.py``;
+    the process group must be started); each rank samples its own patches, only rank 0 validates
+    and keeps the best weights. None = one process.
     """
 
     def __init__(self, model: nn.Module, images, labels, weights=None, *, val_images=None, val_labels=None,
                  val_weights=None, config: TrainConfig | None = None,
                  callbacks: Sequence[Callable[[TrainEvent], Any]] = (), normalization: dict | None = None,
                  preview_fn: Callable[[nn.Module], Any] | None = None, preview_interval: float = 5.0,
-                 resume_from=None, replay_images=None, replay_labels=None, replay_weights=None):
+                 resume_from=None, replay_images=None, replay_labels=None, replay_weights=None,
+                 process_group: distributed.ProcessGroup | None = None):
         self.config = config if config is not None else TrainConfig()
+        self.group = process_group
         self.config.check()
         self.model = model
         self.callbacks = list(callbacks)
@@ -98,7 +104,7 @@ class Trainer:
         self._stop_event = threading.Event()
         self._step = 0
         self._elapsed_before = 0.0  # training seconds of earlier runs (resume)
-        self._generator = torch.Generator().manual_seed(int(self.config.seed))
+        self._generator = torch.Generator().manual_seed(self._rank_seed)
         self._evaluated = model  # the model validation and previews use (an EMA copy during run())
         offset = label_offset.model_offset(model)  # of the evaluated weights
         self.schedule = Schedule(self.config)
@@ -141,6 +147,16 @@ class Trainer:
     @property
     def step(self) -> int:
         return self._step
+
+    @property
+    def is_main(self) -> bool:
+        """This process validates, keeps the best weights and saves (the only one, or rank 0)."""
+        return self.group is None or self.group.is_main
+
+    @property
+    def _rank_seed(self) -> int:
+        """Each rank its own random patches and augmentations."""
+        return int(self.config.seed) + (self.group.rank if self.group is not None else 0)
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -228,7 +244,7 @@ class Trainer:
         loss_fn = losses.get_loss(config.loss, **config.loss_options)
         self.schedule.start_run(loss_fn, sampler, augment)
         autocast, scaler = mixed_precision(self.device, config.amp)
-        memory_format = torch.channels_last if (config.channels_last and self.spatial_dims == 2) else None
+        memory_format = devices.channels_last_format(self.spatial_dims) if config.channels_last else None
         if memory_format is not None:
             self.model.to(memory_format=memory_format)
         self.model.train()
@@ -237,30 +253,51 @@ class Trainer:
         self.validator.start_run()
         self.history.pop("tta_choice", None)  # describes the latest run's choice only
         self._evaluated.label_offset = self.validator.label_offset
-        optimisation_step = OptimisationStep(self.model, self.optimizer, sampler, loss_fn, autocast, scaler,
-                                             memory_format, averaged)
+        stepped = distributed.wrap(self.model, self.device) if self.group is not None else self.model
+        optimisation_step = OptimisationStep(stepped, self.optimizer, sampler, loss_fn, autocast, scaler,
+                                             memory_format, averaged, self.model)
         return _Run(start, optimisation_step, last_validation=start, last_preview=start)
 
     # ------------------------------------------------------------------------------------------
     # The loop
 
     def _run(self) -> Iterator[TrainEvent]:
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(self._rank_seed)
         run = self._start_run(time.perf_counter())
         best_before = self.kept.best_score
         reason = yield from self._steps(run)
+        if self.group is not None:
+            self._record_replicas()
+            if not self.group.is_main:
+                self.history["stop_reason"] = reason
+                self._elapsed_before = self._elapsed(time.perf_counter(), run.start)
+                return
         yield from self._finish(run, reason, best_before)
+
+    def _record_replicas(self) -> None:
+        """Every rank's weights after the last step (they must be identical) in the history."""
+        distributed.broadcast_buffers(self.model)
+        digests = distributed.gather_digests(self.model)
+        self.history["replicas"] = {"world_size": self.group.world_size,
+                                    "identical_weights": len(set(digests)) == 1, "digests": digests}
 
     def _steps(self, run: _Run) -> Generator[TrainEvent, None, str]:
         """Steps, validations and previews until a stop reason; returns it."""
         config = self.config
+        pending = ""  # rank 0's early stop, said to the other ranks before the next step
         while True:
-            reason = self._stop_reason(run.steps, run.start)
+            reason = pending or self._stop_reason(run.steps, run.start)
+            seconds = time.perf_counter() - run.start
+            if self.group is not None:
+                reason, seconds, self.schedule.lr_scale = distributed.agree(
+                    self.group, reason, seconds, self.schedule.lr_scale, self.device)
             if reason:
                 return reason
             step_start = time.perf_counter()
-            lr = self.schedule.apply(run.steps, time.perf_counter() - run.start, self.optimizer)
+            lr = self.schedule.apply(run.steps, seconds, self.optimizer)
             loss_value = run.optimisation_step(config.batch_size, self._generator)
+            if self.group is not None:
+                loss_value = distributed.mean(loss_value, self.device)
             if not math.isfinite(loss_value):
                 return "stopped: the loss became NaN or infinite (try a smaller learning rate)"
             run.steps += 1
@@ -273,7 +310,7 @@ class Trainer:
             yield self._emit(TrainEvent("step", self._step, elapsed, loss=loss_value, lr=lr,
                                         samples_per_second=run.throughput))
 
-            if self.val_samples and self._validation_due(run, now):
+            if self.val_samples and self.is_main and self._validation_due(run, now):
                 val_start = time.perf_counter()
                 event = self._validate(run.start)
                 run.last_validation = time.perf_counter()
@@ -282,8 +319,11 @@ class Trainer:
                     continue
                 yield self._emit(event)
                 if self._early_stop_due():
-                    return f"early stop: no better validation Dice in {config.early_stopping_patience} validations"
-            if self.preview_fn is not None and time.perf_counter() - run.last_preview >= self.preview_interval:
+                    pending = f"early stop: no better validation Dice in {config.early_stopping_patience} validations"
+                    if self.group is None:
+                        return pending
+            if (self.preview_fn is not None and self.is_main
+                    and time.perf_counter() - run.last_preview >= self.preview_interval):
                 yield self._emit(self._preview(run.start))
                 run.last_preview = time.perf_counter()
 
@@ -407,5 +447,4 @@ class Trainer:
             self.model.load_state_dict(self.kept.best_state)
         self.model.label_offset = self.kept.best_offset
         self.model.eval()
-        if self.spatial_dims == 2:
-            self.model.to(memory_format=torch.contiguous_format)
+        self.model.to(memory_format=torch.contiguous_format)  # training left it channels-last

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import label_offset, metrics
+from .. import devices, label_offset, metrics
 from ..data import Sample
 from .config import TrainConfig
 from .precision import mixed_precision
@@ -80,10 +80,12 @@ class Validator:
         """
         autocast, _ = mixed_precision(self.device, self.config.amp)
         image = sample.image
-        if not tta and int(np.prod(sample.spatial_shape)) <= _WHOLE_SAMPLE_PIXELS[self.spatial_dims]:
+        whole = (int(np.prod(sample.spatial_shape)) <= _WHOLE_SAMPLE_PIXELS[self.spatial_dims]
+                 and min(sample.spatial_shape) >= 2 ** int(getattr(model, "depth", 0)))
+        if not tta and whole:  # else tiled: the engine reflects a side thinner than the model's pooling
             batch = torch.from_numpy(image)[None].to(self.device)
-            if self.spatial_dims == 2 and self.config.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self.config.channels_last:
+                batch = batch.contiguous(memory_format=devices.channels_last_format(self.spatial_dims))
             with autocast():
                 return model(batch)[0].float()
         from ..inference import predict
@@ -193,13 +195,30 @@ def spread_subset(samples: list[Sample], pixel_budget: int) -> list[Sample]:
     return [_cut_to_budget(samples[i], pixel_budget) for i in picks]
 
 
+# a 3D sample is cut to a box no thinner than this (or the sample) along any axis: thinner slabs
+# give a deep 3D model too little context (and fewer voxels than its pooling needs)
+_MIN_BOX_SIDE = 32
+
+
 def _cut_to_budget(sample: Sample, pixel_budget: int) -> Sample:
     pixels = int(np.prod(sample.spatial_shape))
     if pixels <= pixel_budget:
         return sample
+    if len(sample.spatial_shape) == 3:
+        return _central_box(sample, pixel_budget)
     keep = max(1, pixel_budget * sample.spatial_shape[0] // pixels)
     first = (sample.spatial_shape[0] - keep) // 2  # around the middle
     return sample.along_first_axis(slice(first, first + keep))
+
+
+def _central_box(sample: Sample, pixel_budget: int) -> Sample:
+    """A box of about ``pixel_budget`` voxels around the middle of a 3D sample, every side shrunk by
+    the same factor but kept at least ``_MIN_BOX_SIDE`` (or the whole side)."""
+    shape = sample.spatial_shape
+    factor = (pixel_budget / float(np.prod(shape))) ** (1.0 / len(shape))
+    sides = [min(n, max(_MIN_BOX_SIDE, int(round(n * factor)))) for n in shape]
+    box = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(shape, sides))
+    return sample.crop(box)
 
 
 @contextlib.contextmanager
