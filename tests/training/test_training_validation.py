@@ -141,6 +141,33 @@ def test_a_spread_subset_takes_samples_across_the_set_and_cuts_a_big_one_around_
     assert cut.spatial_shape == (16, 16) and cut.image[0, 0, 0] == 24 * 16  # rows 24..39
 
 
+
+def test_a_big_3d_sample_is_cut_to_a_central_box_no_thinner_than_a_deep_model_pools():
+    shape = (72, 384, 384)
+    volume = Sample(np.zeros((1, *shape), np.float32), np.zeros(shape, np.int64), np.ones(shape, np.float32))
+    (cut,) = spread_subset([volume], 200_000)
+    assert all(side >= 32 for side in cut.spatial_shape)  # not 3 slices of the whole plane
+    assert np.prod(cut.spatial_shape) <= 2 * 200_000
+    assert np.shares_memory(cut.image, volume.image)  # a view
+    thin = Sample(np.zeros((1, 8, 64, 64), np.float32), np.zeros((8, 64, 64), np.int64),
+                  np.ones((8, 64, 64), np.float32))
+    (same,) = spread_subset([thin], 8 * 64 * 64)
+    assert same.spatial_shape == (8, 64, 64)
+
+
+def test_a_3d_sample_thinner_than_the_models_pooling_is_validated_through_the_tiled_engine():
+    from napari_unet.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet3d", in_channels=1, out_channels=1, width=4, depth=4).eval()  # pools 16
+    sample = Sample(np.random.default_rng(0).normal(size=(1, 3, 40, 40)).astype(np.float32),
+                    np.zeros((3, 40, 40), np.int64), np.ones((3, 40, 40), np.float32))
+    validator = Validator(TrainConfig(device="cpu"), train_samples=[sample], val_samples=[sample], n_classes=2,
+                          spatial_dims=3, device=torch.device("cpu"), offset=(0.0, 0.0, 0.0),
+                          stop_requested=lambda: False)
+    logits = validator.predict_logits(sample, model)
+    assert tuple(logits.shape[-3:]) == (3, 40, 40) and torch.isfinite(torch.as_tensor(logits)).all()
+
 def _validator(images, labels, config_overrides=None, stop=lambda: False):
     from napari_unet.data import make_samples
 
