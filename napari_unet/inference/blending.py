@@ -51,6 +51,23 @@ def _weight_sums(grid: Sequence[int], tile: Sequence[int], starts_per_axis: Sequ
     return sums
 
 
+def window_3d(windows: Sequence[np.ndarray]) -> np.ndarray:
+    """The (tz, ty, tx) blending window: the outer product of the per-axis windows."""
+    return windows[0][:, None, None] * windows[1][None, :, None] * windows[2][None, None, :]
+
+
+def add_windowed(sums: np.ndarray, probs: np.ndarray, start: Sequence[int], window: np.ndarray,
+                 grid: Sequence[int], origin: Sequence[int] = (0, 0, 0)) -> None:
+    """Add one tile's probabilities (C, tz, ty, tx) times ``window`` at ``start`` (Z, Y, X of the
+    whole ``grid``) into ``sums``, which holds the grid from ``origin`` on; parts outside the grid
+    (reflected pixels) are left out."""
+    lo = [max(s, 0) for s in start]
+    hi = [min(s + t, n) for s, t, n in zip(start, probs.shape[1:], grid)]
+    crop = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+    place = (slice(None), *(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin)))
+    sums[place] += probs[(slice(None), *crop)] * window[crop]
+
+
 class _RollingAccumulator:
     """Weighted sum of tile probabilities over a slab [lo, lo + depth) of the Z axis.
 
@@ -71,13 +88,8 @@ class _RollingAccumulator:
 
     def add(self, probs: np.ndarray, start: Sequence[int], window: np.ndarray) -> None:
         """Add one tile's probabilities (C, tz, ty, tx) times its window at ``start`` (Z, Y, X)."""
-        lo = [max(s, 0) for s in start]
-        hi = [min(s + t, n) for s, t, n in zip(start, probs.shape[1:], self.grid)]
-        self._ensure(hi[0])
-        crop = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-        place = (slice(None), slice(lo[0] - self.lo, hi[0] - self.lo),
-                 slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        self.buffer[place] += probs[(slice(None), *crop)] * window[crop]
+        self._ensure(min(start[0] + probs.shape[1], self.grid[0]))
+        add_windowed(self.buffer, probs, start, window, self.grid, origin=(self.lo, 0, 0))
 
     def flush(self, until: int) -> None:
         """Write Z planes [lo, until) to the target: they receive no more tiles."""
@@ -120,12 +132,7 @@ class _InPlaceAccumulator:
         self.lo = 0
 
     def add(self, probs: np.ndarray, start: Sequence[int], window: np.ndarray) -> None:
-        grid = self.result.shape[1:]
-        lo = [max(s, 0) for s in start]
-        hi = [min(s + t, n) for s, t, n in zip(start, probs.shape[1:], grid)]
-        crop = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-        place = (slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
-        self.sums[place] += probs[(slice(None), *crop)] * window[crop]
+        add_windowed(self.sums, probs, start, window, self.result.shape[1:])
 
     def flush(self, until: int) -> None:
         until = min(until, self.result.shape[1])

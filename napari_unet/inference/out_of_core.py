@@ -18,7 +18,7 @@ from torch import nn
 from .. import io as image_io
 from .. import label_offset as offsets
 from . import runner
-from .blending import _weight_sums, gaussian_window
+from .blending import _weight_sums, add_windowed, gaussian_window, window_3d
 from .layout import _Layout
 from .normalization import Statistics, _PlaneStatistics
 from .sliding_window import (
@@ -93,9 +93,8 @@ def _measure_plane_statistics(image: Any, layout: _Layout, stats: Statistics, co
     if not isinstance(stats, _PlaneStatistics):
         return
     array = _canonical_dask(image, layout)
-    tasks = [dask.delayed(image_io.compute_normalization)(array[:, z], stats.spec)
-             for z in range(array.shape[1]) if z not in stats.planes]
     missing = [z for z in range(array.shape[1]) if z not in stats.planes]
+    tasks = [dask.delayed(image_io.compute_normalization)(array[:, z], stats.spec) for z in missing]
     stats.planes.update(zip(missing, dask.compute(*tasks, **compute_options)))
 
 
@@ -202,7 +201,7 @@ class _ChunkTiles:
                  stats: Statistics, batch_size: int, precision: str, tta: bool,
                  offset: tuple[float, ...], channels: int, cancel: CancelCallback | None) -> None:
         self.source, self.grid, self.tile, self.starts = source, grid, tile, starts
-        self.window = windows[0][:, None, None] * windows[1][None, :, None] * windows[2][None, None, :]
+        self.window = window_3d(windows)
         self.bounds, self.stats, self.batch_size = bounds, stats, batch_size
         self.precision, self.tta, self.offset, self.channels = precision, tta, offset, channels
         self.cancel = cancel
@@ -232,11 +231,7 @@ class _ChunkTiles:
             if model.spatial_dims == 2:
                 probs = probs[:, :, np.newaxis]
             for start, tile_probs in zip(batch_tiles, probs):
-                inside_lo = [max(s, 0) for s in start]
-                inside_hi = [min(s + t, n) for s, t, n in zip(start, self.tile, self.grid)]
-                crop = tuple(slice(a - s, b - s) for a, b, s in zip(inside_lo, inside_hi, start))
-                place = (slice(None), *(slice(a - o, b - o) for a, b, o in zip(inside_lo, inside_hi, lo)))
-                sums[place] += tile_probs[(slice(None), *crop)] * self.window[crop]
+                add_windowed(sums, tile_probs, start, self.window, self.grid, origin=lo)
         return sums
 
 

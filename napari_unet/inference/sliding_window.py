@@ -22,6 +22,7 @@ from .blending import (
     _RollingAccumulator,
     _weight_sums,
     gaussian_window,
+    window_3d,
 )
 from .layout import _Layout, _SlabReader
 from .normalization import Statistics, _normalize
@@ -56,7 +57,7 @@ def _predict_array(
     starts_per_axis = [_tile_starts(n, t, o, m)
                        for n, t, o, m in zip(grid, tile, axis_overlaps, multiples)]
     windows = [gaussian_window(t, blend) for t in tile]
-    window = windows[0][:, None, None] * windows[1][None, :, None] * windows[2][None, None, :]
+    window = window_3d(windows)
     weight_sums = _weight_sums(grid, tile, starts_per_axis, windows)
     if target is None and result_dtype != np.float32:
         # float16: finished slabs stream into the result; the running sums stay float32
