@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import devices, label_offset, metrics
 from ..data import Sample
+from ..inference.tiling import _size_multiple
 from .config import TrainConfig
 from .precision import mixed_precision
 
@@ -81,7 +82,7 @@ class Validator:
         autocast, _ = mixed_precision(self.device, self.config.amp)
         image = sample.image
         whole = (int(np.prod(sample.spatial_shape)) <= _WHOLE_SAMPLE_PIXELS[self.spatial_dims]
-                 and min(sample.spatial_shape) >= 2 ** int(getattr(model, "depth", 0)))
+                 and min(sample.spatial_shape) >= _size_multiple(model))
         if not tta and whole:  # else tiled: the engine reflects a side thinner than the model's pooling
             batch = torch.from_numpy(image)[None].to(self.device)
             if self.config.channels_last:
